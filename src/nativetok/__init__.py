@@ -1,0 +1,14 @@
+"""NativeTok: native visual tokenization (Meta Image Transformer + Mixture of Causal Experts).
+
+    from nativetok import load_tokenizer
+    tok = load_tokenizer("runs/fmnist_tiny/checkpoints/last.ckpt")
+    ids = tok.encode(images)          # float [B, C, H, W] in [0, 1] -> LongTensor [B, K]
+    rec = tok.decode(ids)             # -> float [B, C, H, W] in [0, 1]
+    coarse = tok.decode(ids, k=4)     # from the first 4 tokens
+"""
+
+__version__ = "0.1.0"
+
+from nativetok.checkpoints import load_tokenizer  # noqa: E402
+
+__all__ = ["__version__", "load_tokenizer"]

@@ -1,0 +1,44 @@
+"""Loading trained models from Lightning checkpoints without Lightning."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from nativetok.config.loading import from_container
+from nativetok.models.tokenizer import NativeTokenizer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of another kind than asked for."""
+
+
+def read_checkpoint(path: str | os.PathLike, kind: str, map_location="cpu") -> dict:
+    """The checkpoint dict, after checking that it is a NativeTok checkpoint of `kind`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    found = checkpoint.get("nativetok", {}).get("kind") if isinstance(checkpoint, dict) else None
+    if found != kind:
+        raise CheckpointError(f"{path} is {f'a {found}' if found else 'not a NativeTok'} checkpoint, not a {kind}")
+    return checkpoint
+
+
+def module_state(checkpoint: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+
+
+def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True) -> NativeTokenizer:
+    """A trained tokenizer in eval mode (its moving-average weights when it has them and `ema` is set)."""
+    checkpoint = read_checkpoint(path, "tokenizer")
+    config = from_container(checkpoint["hyper_parameters"]["config"])
+    tokenizer = NativeTokenizer(config.tokenizer, config.data.image_size, config.data.channels)
+    state = module_state(checkpoint, "ema.shadow.") if ema else {}
+    tokenizer.load_state_dict(state or module_state(checkpoint, "tokenizer."))
+    return tokenizer.to(device).eval()

@@ -1,0 +1,313 @@
+"""Load an experiment: YAML files composed with `extends`, `key=value` overrides, schema and value checks.
+
+Every error names the offending key and where its value came from (a file or the command line), and
+is raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, List, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
+
+from nativetok.config.schema import ExperimentConfig
+
+COMMAND_LINE = "command line"
+KEY_PATTERN = re.compile(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b")
+SCHEMA_DEFAULT = "schema default"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: an unknown key, a wrong type or an impossible value."""
+
+
+def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, DictConfig]]:
+    """The file and the files it `extends` (depth first, parents before children) as (source, layer)."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: `extends` loops back to itself via {' -> '.join(map(str, chain))}")
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as error:  # yaml errors carry line numbers: keep them
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{path}: an experiment file must be a mapping of keys, not a list")
+    parents = layer.pop("extends", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    layers: List[Tuple[str, DictConfig]] = []
+    for parent in parents:
+        layers += _read_yaml(path.parent / str(parent), chain + (path,))
+    return layers + [(str(path), layer)]
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    message = str(getattr(error, "msg", error)).splitlines()[0]
+    return message
+
+
+def _suggest(key: str, node_type: Any) -> str:
+    if node_type is None or not is_dataclass(node_type):
+        return ""
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, [f.name for f in fields(node_type)], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"{COMMAND_LINE}: override '{item}' is not of the form key=value")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+class LoadedConfig:
+    """A validated experiment together with where each value came from."""
+
+    def __init__(self, config: ExperimentConfig, layers: List[Tuple[str, DictConfig]]):
+        self.config = config
+        self.layers = layers
+
+    def sources(self, key: str, problem: str) -> str:
+        """Where `key` came from, and any other config key the problem mentions."""
+        schema = OmegaConf.structured(self.config)
+        others = [k for k in dict.fromkeys(KEY_PATTERN.findall(problem)) if k != key]
+        others = [k for k in others if OmegaConf.select(schema, k, default=None) is not None]
+        return "; ".join(f"{k} from {self.source_of(k)}" for k in [key] + others)
+
+    def source_of(self, key: str) -> str:
+        missing = object()
+        for source, layer in reversed(self.layers):
+            if OmegaConf.select(layer, key, default=missing, throw_on_missing=False) is not missing:
+                return source
+        return SCHEMA_DEFAULT
+
+
+def compose(path: str | os.PathLike, overrides: Sequence[str] = ()) -> LoadedConfig:
+    """Merge the experiment file (with its parents) and the overrides into the typed schema."""
+    layers = _read_yaml(Path(path))
+    layers.append((COMMAND_LINE, parse_overrides(overrides)))
+    merged = OmegaConf.structured(ExperimentConfig)
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except ConfigKeyError as error:
+            key = error.full_key or "?"
+            raise ConfigError(
+                f"{source}: unknown key '{key}'{_suggest(key, getattr(error, 'object_type', None))}"
+            ) from None
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{source}: {error.full_key}: {_describe(error)}") from None
+    try:
+        OmegaConf.resolve(merged)
+    except InterpolationResolutionError as error:
+        raise ConfigError(f"{error.full_key}: {_describe(error)}") from None
+    config = OmegaConf.to_object(merged)
+    assert isinstance(config, ExperimentConfig)
+    return LoadedConfig(config, layers)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The experiment at `path` with `key=value` overrides, checked; raises ConfigError naming the key."""
+    loaded = compose(path, overrides)
+    problems = list(check_values(loaded.config))
+    if problems:
+        lines = [f"  {key}: {problem} ({loaded.sources(key, problem)})" for key, problem in problems]
+        raise ConfigError("invalid config:\n" + "\n".join(lines))
+    return loaded.config
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def from_container(container: dict) -> ExperimentConfig:
+    """Rebuild a config saved inside a checkpoint (no file, no overrides)."""
+    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), container)
+    return OmegaConf.to_object(merged)
+
+
+def to_container(config: ExperimentConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks: each yields (key, problem).
+
+Check = Iterable[Tuple[str, str]]
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+TOKENIZER_KINDS = ("nativetok", "parallel", "causal_mask")
+TRAINABLE_PARTS = ("all", "mit", "old_experts", "codebook", "decoder")
+
+
+def _positive(prefix: str, obj: Any, *names: str) -> Check:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            yield f"{prefix}.{name}", f"must be > 0, got {value}"
+
+
+def _non_negative(prefix: str, obj: Any, *names: str) -> Check:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 0:
+            yield f"{prefix}.{name}", f"must be >= 0, got {value}"
+
+
+def _choice(key: str, value: Any, choices: Sequence[Any]) -> Check:
+    if value not in choices:
+        yield key, f"must be one of {', '.join(map(str, choices))}; got '{value}'"
+
+
+def _heads_divide(prefix: str, width: int, heads: int) -> Check:
+    if heads <= 0 or width % heads:
+        yield f"{prefix}.heads", f"must divide the width {width}, got {heads}"
+
+
+def world_size(trainer) -> int | None:
+    """Devices times nodes when the device count is a number; None when it is decided at run time."""
+    devices = trainer.devices
+    if isinstance(devices, bool):
+        return None
+    if isinstance(devices, int):
+        count = devices
+    elif isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        count = int(devices)
+    else:
+        return None
+    return count * trainer.num_nodes
+
+
+def check_run(c: ExperimentConfig) -> Check:
+    if c.run.resume not in ("auto", "never") and not Path(c.run.resume).is_file():
+        yield "run.resume", f"must be auto, never or an existing checkpoint file; '{c.run.resume}' is none"
+    if not c.run.name:
+        yield "run.name", "must not be empty"
+
+
+def check_data(c: ExperimentConfig) -> Check:
+    d = c.data
+    yield from _positive("data", d, "image_size", "num_classes", "batch_size", "val_batch_size")
+    yield from _positive("data", d, "train_samples_per_epoch", "val_samples")
+    yield from _non_negative("data", d, "num_workers", "shuffle_buffer")
+    yield from _choice("data.channels", d.channels, (1, 3))
+    if d.index is None and not (d.train_shards and d.val_shards):
+        yield "data.index", "is needed unless both data.train_shards and data.val_shards are given"
+
+
+def check_trainer(c: ExperimentConfig) -> Check:
+    t = c.trainer
+    yield from _positive("trainer", t, "max_steps", "val_every_n_steps", "log_every_n_steps", "num_nodes")
+    yield from _non_negative("trainer", t, "images_every_n_steps")
+    yield from _choice("trainer.precision", str(t.precision), PRECISIONS)
+    devices = t.devices
+    if not (devices == "auto" or world_size(t) is not None) or (world_size(t) or 1) <= 0:
+        yield "trainer.devices", f"must be auto, a positive count or a list of device ids; got {devices!r}"
+    world = world_size(t)
+    if world and c.data.batch_size % world:
+        yield "data.batch_size", (
+            f"the global batch size {c.data.batch_size} must be divisible by devices x nodes = {world}"
+        )
+
+
+def check_tokenizer(c: ExperimentConfig) -> Check:
+    t = c.tokenizer
+    yield from _choice("tokenizer.kind", t.kind, TOKENIZER_KINDS)
+    yield from _positive("tokenizer", t, "patch_size", "num_tokens", "latent_width")
+    if t.patch_size > 0 and c.data.image_size % t.patch_size:
+        yield "tokenizer.patch_size", (
+            f"must divide data.image_size {c.data.image_size}, got {t.patch_size}"
+        )
+    for section in ("mit", "decoder"):
+        part = getattr(t, section)
+        yield from _positive(f"tokenizer.{section}", part, "width", "depth", "mlp_ratio")
+        yield from _heads_divide(f"tokenizer.{section}", part.width, part.heads)
+    yield from _positive("tokenizer.experts", t.experts, "depth", "mlp_ratio")
+    yield from _heads_divide("tokenizer.experts", t.latent_width, t.experts.heads)
+    q = t.quantizer
+    yield from _positive("tokenizer.quantizer", q, "code_dim")
+    if q.codebook_size < 2:
+        yield "tokenizer.quantizer.codebook_size", f"must be >= 2, got {q.codebook_size}"
+    yield from _non_negative("tokenizer.quantizer", q, "commitment", "restart_dead_after")
+    if not 0.0 <= t.decoder.random_prefix <= 1.0:
+        yield "tokenizer.decoder.random_prefix", f"is a probability, got {t.decoder.random_prefix}"
+
+
+def check_loss(c: ExperimentConfig) -> Check:
+    loss = c.loss
+    yield from _choice("loss.pixel", loss.pixel, ("l1", "l2"))
+    yield from _non_negative(
+        "loss", loss, "pixel_weight", "perceptual_weight", "quantizer_weight", "disc_weight",
+        "disc_start", "lecam_weight",
+    )
+    if loss.perceptual_weight > 0:  # the files themselves are checked when the loss is built
+        for name in ("vgg_weights", "lin_weights"):
+            if not getattr(loss.perceptual, name):
+                yield f"loss.perceptual.{name}", "loss.perceptual_weight > 0 needs this weights file"
+    yield from _positive("loss.discriminator", loss.discriminator, "channels", "layers")
+
+
+def check_optim(c: ExperimentConfig) -> Check:
+    o = c.optim
+    yield from _positive("optim", o, "lr", "disc_lr", "base_batch_size")
+    yield from _non_negative("optim", o, "weight_decay", "warmup_steps", "grad_clip")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        yield "optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}"
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        yield "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}"
+    if not 0.0 <= o.ema_decay < 1.0:
+        yield "optim.ema_decay", f"must be in [0, 1), got {o.ema_decay}"
+
+
+def check_growth(c: ExperimentConfig) -> Check:
+    g = c.growth
+    yield from _choice("growth.init", g.init, ("copy_last", "fresh"))
+    if not g.stages:
+        return
+    if c.tokenizer.kind != "nativetok":
+        yield "growth.stages", f"grows experts, which tokenizer.kind '{c.tokenizer.kind}' does not have"
+        return
+    tokens = c.tokenizer.num_tokens
+    previous = None
+    for i, stage in enumerate(g.stages):
+        key = f"growth.stages.{i}"
+        if i == 0 and stage.step != 0:
+            yield f"{key}.step", f"the first stage must begin at step 0, got {stage.step}"
+        if previous is not None and stage.step <= previous.step:
+            yield f"{key}.step", f"stages must begin at increasing steps, {stage.step} <= {previous.step}"
+        if not 1 <= stage.experts <= tokens:
+            yield f"{key}.experts", f"must be between 1 and tokenizer.num_tokens {tokens}, got {stage.experts}"
+        if previous is not None and stage.experts < previous.experts:
+            yield f"{key}.experts", f"experts can only grow, {stage.experts} < {previous.experts}"
+        for part in stage.train:
+            if part not in TRAINABLE_PARTS:
+                yield f"{key}.train", f"'{part}' is not one of {', '.join(TRAINABLE_PARTS)}"
+        previous = stage
+    if previous is not None and previous.experts != tokens:
+        yield f"growth.stages.{len(g.stages) - 1}.experts", (
+            f"the last stage must reach tokenizer.num_tokens {tokens}, got {previous.experts}"
+        )
+
+
+STAGE_CHECKS: dict[str, List[Callable[[ExperimentConfig], Check]]] = {
+    "tokenizer": [check_run, check_data, check_trainer, check_tokenizer, check_loss, check_optim, check_growth],
+}
+
+
+def check_values(c: ExperimentConfig) -> Check:
+    if c.stage not in STAGE_CHECKS:
+        yield "stage", f"must be one of {', '.join(STAGE_CHECKS)}; got '{c.stage}'"
+        return
+    for check in STAGE_CHECKS[c.stage]:
+        yield from check(c)

@@ -1,0 +1,185 @@
+"""The typed schema of an experiment: every key a YAML file or a `key=value` override may set.
+
+OmegaConf checks types and unknown keys against these dataclasses; `validate` in `loading.py` checks
+the values that types cannot (ranges, choices, consistency between sections).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    # Outputs (resolved config, checkpoints, TensorBoard logs, pictures) go here.
+    dir: str = "runs/${run.name}"
+    # auto: continue from <dir>/checkpoints/last.ckpt when it exists; never: refuse a folder that has
+    # checkpoints; or a path to a checkpoint file.
+    resume: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    # JSON index written by `nativetok shard`: shard names, sample counts, classes, image size.
+    index: str = "data/fmnist/index.json"
+    # Brace patterns that replace the index's shard lists, e.g. "data/in/imagenet-train-{000000..000127}.tar".
+    train_shards: Optional[str] = None
+    val_shards: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 32
+    channels: int = 1
+    num_classes: int = 10
+    # Global batch size over all devices and nodes; the per-device batch size is derived from it.
+    batch_size: int = 64
+    val_batch_size: Optional[int] = None
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    # Samples that make one training epoch (all ranks together); null: the size of the training split.
+    train_samples_per_epoch: Optional[int] = None
+    # At most this many validation samples (null: the whole split, each sample exactly once).
+    val_samples: Optional[int] = None
+    hflip: bool = True
+    # A corrupt shard or an undecodable sample is skipped and counted, or stops the run when strict.
+    strict: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 2000
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    val_every_n_steps: int = 500
+    log_every_n_steps: int = 50
+    # Reconstruction / sample grids to TensorBoard every N steps (0: only at the end).
+    images_every_n_steps: int = 500
+    progress_bar: bool = True
+    compile: bool = False
+    deterministic: bool = False
+
+
+@dataclass
+class TransformerConfig:
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ExpertsConfig:
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class QuantizerConfig:
+    codebook_size: int = 4096
+    code_dim: int = 12
+    commitment: float = 0.25
+    # Codes unused for this many steps are moved onto recent encoder outputs (0: never).
+    restart_dead_after: int = 0
+
+
+@dataclass
+class DecoderConfig:
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # Probability that a training sample is decoded from a random prefix of its tokens.
+    random_prefix: float = 0.0
+
+
+@dataclass
+class TokenizerConfig:
+    # nativetok: MIT + Mixture of Causal Experts; parallel: TiTok-style latent tokens inside the MIT;
+    # causal_mask: latent tokens inside the MIT with a causal mask among them.
+    kind: str = "nativetok"
+    patch_size: int = 4
+    num_tokens: int = 16
+    mit: TransformerConfig = field(default_factory=TransformerConfig)
+    # Width of the MIT's dimension switcher output Z: the width of every expert.
+    latent_width: int = 256
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class PerceptualConfig:
+    # LPIPS-VGG: torchvision's vgg16 weights and LPIPS' linear heads (v0.1 vgg.pth); both downloaded by hand.
+    vgg_weights: Optional[str] = None
+    lin_weights: Optional[str] = None
+
+
+@dataclass
+class DiscriminatorConfig:
+    channels: int = 64
+    layers: int = 3
+
+
+@dataclass
+class LossConfig:
+    pixel: str = "l1"
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    quantizer_weight: float = 1.0
+    disc_weight: float = 0.0
+    disc_start: int = 0
+    disc_adaptive: bool = True
+    lecam_weight: float = 0.0
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    # Scale lr by (global batch size / base_batch_size) when set: the linear scaling rule.
+    base_batch_size: Optional[int] = None
+    weight_decay: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    disc_lr: float = 1e-4
+    # Exponential moving average of the weights, used for evaluation (0: off).
+    ema_decay: float = 0.0
+
+
+@dataclass
+class GrowthStage:
+    # Global step at which the stage begins (the first stage begins at 0).
+    step: int = 0
+    # Experts active from this step on; each stage may only keep or grow the count.
+    experts: int = 1
+    # What trains besides experts new in this stage: any of all, mit, old_experts, codebook, decoder.
+    train: List[str] = field(default_factory=lambda: ["all"])
+
+
+@dataclass
+class GrowthConfig:
+    # Hierarchical Native Training; with no stages every expert is active and trained from the start.
+    stages: List[GrowthStage] = field(default_factory=list)
+    # A new expert starts as a copy of the last active one, or from fresh initialisation.
+    init: str = "copy_last"
+
+
+@dataclass
+class ExperimentConfig:
+    stage: str = "tokenizer"
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)

@@ -1,0 +1,181 @@
+"""`ImageShardsDataModule`: the image shards of a dataset index (or brace patterns) as Lightning data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import pytorch_lightning as pl
+import torch
+from braceexpand import braceexpand
+
+from nativetok.config.schema import DataConfig
+from nativetok.data.shards import DatasetIndex
+from nativetok.data.stream import (
+    DataError,
+    EpochLoader,
+    ShardSpec,
+    ShardStream,
+    SkipCounts,
+    limit_samples,
+    to_float_images,
+)
+from nativetok.data.transforms import ImageDecoder
+
+log = logging.getLogger(__name__)
+
+
+class ShardsDataModule(pl.LightningDataModule):
+    """Shard discovery, rank-aware streams and loaders; subclasses say how a sample decodes."""
+
+    def __init__(self, config: DataConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.seed = seed
+        self.skips = SkipCounts()
+        self.index: Optional[DatasetIndex] = DatasetIndex.load(config.index) if config.index else None
+        self._streams: dict = {}
+
+    # -- what there is to read -------------------------------------------------------------------
+    def _split_name(self, train: bool) -> str:
+        return self.config.train_split if train else self.config.val_split
+
+    def shard_specs(self, train: bool) -> List[ShardSpec]:
+        """The shards of a split, with sample counts where the index knows them; missing ones dropped."""
+        pattern = self.config.train_shards if train else self.config.val_shards
+        known = {}
+        if self.index is not None:
+            for split in self.index.splits.values():
+                for entry in split.shards:
+                    known[str((self.index.root / entry.file).resolve())] = entry.samples
+        if pattern:
+            urls = list(braceexpand(pattern))
+            source = f"pattern '{pattern}'"
+        else:
+            if self.index is None:
+                raise DataError(f"data.{'train' if train else 'val'}_shards is empty and there is no index")
+            urls = self.index.shard_paths(self._split_name(train))
+            source = f"split '{self._split_name(train)}' of {self.config.index}"
+        specs = [ShardSpec(url, known.get(str(Path(url).resolve()))) for url in urls]
+        missing = [s.url for s in specs if not Path(s.url).is_file()]
+        if missing:
+            message = f"{len(missing)} of {len(specs)} shards of {source} are missing: {', '.join(missing[:3])}"
+            if self.config.strict or len(missing) == len(specs):
+                raise DataError(message)
+            log.warning("%s; skipping them", message)
+            for _ in missing:
+                self.skips.add("shard")
+            specs = [s for s in specs if s.url not in missing]
+        if not specs:
+            raise DataError(f"{source} matches no shards")
+        return specs
+
+    def check_index(self) -> None:
+        if self.index is None:
+            return
+        c = self.config
+        if self.index.channels != c.channels:
+            raise DataError(f"data.channels is {c.channels} but {c.index} holds {self.index.channels}-channel images")
+        if len(self.index.classes) != c.num_classes:
+            raise DataError(f"data.num_classes is {c.num_classes} but {c.index} has {len(self.index.classes)} classes")
+
+    # -- ranks and batch sizes ---------------------------------------------------------------------
+    def rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def per_device_batch(self, world_size: int, train: bool = True) -> int:
+        total = self.config.batch_size if train else (self.config.val_batch_size or self.config.batch_size)
+        if train and total % world_size:
+            raise DataError(f"data.batch_size {total} is not divisible by the {world_size} devices")
+        return max(1, total // world_size)
+
+    def train_samples_per_epoch(self, specs: List[ShardSpec]) -> int:
+        if self.config.train_samples_per_epoch:
+            return self.config.train_samples_per_epoch
+        counts = [s.samples for s in specs]
+        if any(c is None for c in counts):
+            raise DataError("data.train_samples_per_epoch is needed: shard sizes are unknown without the index")
+        return sum(counts)
+
+    def decoder(self, train: bool):
+        raise NotImplementedError
+
+    def make_stream(self, train: bool, rank: int = 0, world_size: int = 1) -> ShardStream:
+        specs = self.shard_specs(train)
+        batch = self.per_device_batch(world_size, train)
+        batches_per_rank = None
+        if train:
+            batches_per_rank = self.train_samples_per_epoch(specs) // (batch * world_size)
+            if batches_per_rank < 1:
+                raise DataError(
+                    f"an epoch of {self.train_samples_per_epoch(specs)} samples is less than one global batch "
+                    f"of {batch * world_size}"
+                )
+        elif self.config.val_samples:
+            specs = limit_samples(specs, self.config.val_samples)
+        return ShardStream(
+            specs,
+            self.decoder(train),
+            batch,
+            rank=rank,
+            world_size=world_size,
+            num_workers=self.config.num_workers,
+            train=train,
+            batches_per_rank=batches_per_rank,
+            shuffle_buffer=self.config.shuffle_buffer if train else 0,
+            seed=self.seed,
+            strict=self.config.strict,
+            skips=self.skips,
+        )
+
+    # -- Lightning ---------------------------------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.check_index()
+        rank, world = self.rank_and_world()
+        if stage in (None, "fit"):
+            self._streams["train"] = self.make_stream(True, rank, world)
+            log.info(
+                "data: global batch %d = %d per device x %d devices; %d batches per rank per epoch",
+                self.config.batch_size, self._streams["train"].batch_size, world,
+                self._streams["train"].batches_per_rank,
+            )
+        if stage in (None, "fit", "validate"):
+            self._streams["val"] = self.make_stream(False, rank, world)
+
+    def _loader(self, name: str) -> EpochLoader:
+        if name not in self._streams:
+            self.setup()
+        workers = self.config.num_workers
+        return EpochLoader(
+            self._streams[name],
+            progress_fn=self._progress if name == "train" else lambda: (0, 0),
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
+
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, batches trained on in it) from the trainer: what a checkpoint must remember of the data."""
+        if self.trainer is None:
+            return 0, 0
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> EpochLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> EpochLoader:
+        return self._loader("val")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return to_float_images(batch)
+
+
+class ImageShardsDataModule(ShardsDataModule):
+    """Images in [0, 1] ({"image": float [B, C, H, W], "label": long [B]}) from webdataset shards."""
+
+    def decoder(self, train: bool) -> ImageDecoder:
+        c = self.config
+        return ImageDecoder(c.image_size, c.channels, train=train, hflip=c.hflip)

@@ -1,0 +1,1 @@
+"""Lightning glue: LightningModules, callbacks (HNT growth, image grids), EMA and trainer building."""

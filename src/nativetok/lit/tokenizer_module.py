@@ -1,0 +1,274 @@
+"""`TokenizerModule`: stage-1 training of a NativeTokenizer (autoencoder + optional PatchGAN) in Lightning.
+
+Manual optimization (the Lightning 2 GAN pattern): one autoencoder step per batch, which is what
+`global_step` counts, and a discriminator step that goes through the strategy (precision plugin
+included) without counting as a step of its own. Hierarchical Native Training changes which parameters
+train; `enter_growth_stage` applies a stage and retargets the optimizer in place, so parameters that
+keep training keep their Adam state.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from nativetok import __version__
+from nativetok.config.loading import from_container
+from nativetok.config.schema import GrowthStage
+from nativetok.lit.ema import EMA
+from nativetok.lit.metrics import CodeUsage
+from nativetok.lit.schedules import warmup_cosine
+from nativetok.losses import LeCam, adaptive_weight, discriminator_hinge_loss, generator_loss, load_lpips, pixel_loss
+from nativetok.models.discriminator import PatchDiscriminator
+from nativetok.models.quantizer import code_statistics
+from nativetok.models.tokenizer import NativeTokenizer
+
+log = logging.getLogger(__name__)
+
+# Parameters that are positions, queries or codes: no weight decay.
+NO_DECAY = ("positions", "query", "missing", "mask_token", "codebook", "latents.tokens")
+
+
+class TokenizerModule(pl.LightningModule):
+    def __init__(self, config: dict):
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.cfg = c = from_container(config)
+        self.automatic_optimization = False
+        self.tokenizer = NativeTokenizer(c.tokenizer, c.data.image_size, c.data.channels)
+        loss = c.loss
+        self.discriminator = (
+            PatchDiscriminator(c.data.channels, loss.discriminator.channels, loss.discriminator.layers)
+            if loss.disc_weight > 0
+            else None
+        )
+        self.lecam = LeCam() if self.discriminator is not None and loss.lecam_weight > 0 else None
+        # LPIPS is a fixed metric: kept out of the state dict (and checkpoints) on purpose.
+        self._perceptual: List[torch.nn.Module] = []
+        if loss.perceptual_weight > 0:
+            self._perceptual.append(load_lpips(loss.perceptual.vgg_weights, loss.perceptual.lin_weights))
+        else:
+            log.info(
+                "perceptual loss off (loss.perceptual_weight=0): LPIPS needs VGG weights that are downloaded, "
+                "set loss.perceptual.vgg_weights and loss.perceptual.lin_weights to use it"
+            )
+        self.ema = EMA(self.tokenizer, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.val_codes = CodeUsage(c.tokenizer.quantizer.codebook_size)
+        self.growth_stage = 0
+
+    # -- helpers -------------------------------------------------------------------------------------
+    @property
+    def eval_tokenizer(self) -> NativeTokenizer:
+        """The weights evaluation uses: the moving average when there is one."""
+        return self.ema.shadow if self.ema is not None else self.tokenizer
+
+    def scaled_lr(self) -> float:
+        o = self.cfg.optim
+        return o.lr * (self.cfg.data.batch_size / o.base_batch_size if o.base_batch_size else 1.0)
+
+    def _autoencoder_groups(self) -> List[List[torch.nn.Parameter]]:
+        decay, no_decay = [], []
+        for name, p in self.tokenizer.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
+        return [decay, no_decay]
+
+    def _perceptual_loss(self, reconstruction: Tensor, target: Tensor) -> Tensor:
+        lpips = self._perceptual[0].to(reconstruction.device)
+        return lpips(reconstruction, target)
+
+    def _prefix_lengths(self, batch: int) -> Optional[Tensor]:
+        """Per sample, all active tokens, or with probability random_prefix a uniform prefix length.
+
+        Drawn from a generator seeded by (seed, step, rank): a resumed run draws what an unbroken one would.
+        """
+        p = self.cfg.tokenizer.decoder.random_prefix
+        if p <= 0:
+            return None
+        active = self.tokenizer.num_active
+        seed = (self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        lengths = torch.randint(1, active + 1, (batch,), device=self.device, generator=generator)
+        use_prefix = torch.rand(batch, device=self.device, generator=generator) < p
+        return torch.where(use_prefix, lengths, torch.full_like(lengths, active))
+
+    # -- optimizers ------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        decay, no_decay = self._autoencoder_groups()
+        fused = self.device.type == "cuda"
+        autoencoder = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.scaled_lr(), betas=tuple(o.betas), fused=fused or None,
+        )
+        total = self.cfg.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            autoencoder, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
+        )
+        optimizers = [autoencoder]
+        if self.discriminator is not None:
+            optimizers.append(
+                torch.optim.AdamW(self.discriminator.parameters(), lr=o.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+            )
+        return optimizers, [{"scheduler": schedule, "interval": "step"}]
+
+    def retarget_optimizer(self) -> None:
+        """Make the autoencoder optimizer hold exactly the trainable parameters (state kept for those that stay)."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return
+        optimizer = self.trainer.optimizers[0]
+        groups = self._autoencoder_groups()
+        keep = {id(p) for group in groups for p in group}
+        for p in [p for p in optimizer.state if id(p) not in keep]:
+            del optimizer.state[p]
+        for group, params in zip(optimizer.param_groups, groups):
+            group["params"] = params
+
+    # -- Hierarchical Native Training -----------------------------------------------------------------
+    def enter_growth_stage(self, index: int, stage: GrowthStage, new_experts: range, grow: bool) -> List[str]:
+        """Apply a stage of the schedule: grow the experts (on a transition), freeze, retarget the optimizer."""
+        if grow:
+            generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 7919 + index)
+            self.tokenizer.grow(stage.experts, self.cfg.growth.init, generator)
+            if self.ema is not None:
+                live, shadow = self.tokenizer.experts.experts, self.ema.shadow.experts.experts
+                self.ema.reset((shadow[i], live[i]) for i in new_experts)
+                self.ema.shadow.active_tokens.copy_(self.tokenizer.active_tokens)
+        frozen = self.tokenizer.set_trainable(new_experts, stage.train)
+        self.retarget_optimizer()
+        self.growth_stage = index
+        trained = [name for name in self.tokenizer.parts() if name not in frozen]
+        log.info(
+            "HNT stage %d (step %d): %d experts; training %s; frozen: %s",
+            index, stage.step, stage.experts, _summarise(trained), _summarise(frozen) or "nothing",
+        )
+        return frozen
+
+    # -- training ----------------------------------------------------------------------------------------
+    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
+        c = self.cfg
+        optimizers = self.optimizers()
+        autoencoder, discriminator = optimizers if isinstance(optimizers, list) else (optimizers, None)
+        step = self.global_step
+        images = batch["image"]
+        target = images * 2 - 1
+        gan = self.discriminator is not None and step >= c.loss.disc_start
+        logs: Dict[str, Tensor] = {}
+
+        with self.toggled_optimizer(autoencoder):  # the discriminator's weights take no gradient here
+            out = self.tokenizer(images, self._prefix_lengths(images.shape[0]))
+            rec = pixel_loss(out.reconstruction, target, c.loss.pixel)
+            nll = c.loss.pixel_weight * rec
+            if self._perceptual:
+                perceptual = self._perceptual_loss(out.reconstruction, target)
+                nll = nll + c.loss.perceptual_weight * perceptual
+                logs["train/perceptual_loss"] = perceptual.detach()
+            loss = nll + c.loss.quantizer_weight * out.quantizer_loss
+            if gan:
+                g_loss = generator_loss(self.discriminator(out.reconstruction))
+                last = self.tokenizer.decoder.last_layer
+                weight = (
+                    adaptive_weight(nll, g_loss, last)
+                    if c.loss.disc_adaptive and last.requires_grad
+                    else torch.ones((), device=self.device)
+                )
+                loss = loss + c.loss.disc_weight * weight * g_loss
+                logs.update({"train/g_loss": g_loss.detach(), "train/adaptive_weight": weight})
+            autoencoder.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            if c.optim.grad_clip > 0:
+                self.clip_gradients(autoencoder, gradient_clip_val=c.optim.grad_clip, gradient_clip_algorithm="norm")
+            autoencoder.step()
+        self.lr_schedulers().step()
+        if self.ema is not None:
+            self.ema.update(self.tokenizer)
+        if gan:
+            logs.update(self._discriminator_step(discriminator, target, out.reconstruction.detach()))
+        self._maintain_codebook(out.ids, out.vectors, step)
+
+        stats = code_statistics(out.ids, c.tokenizer.quantizer.codebook_size)
+        logs.update({
+            "train/loss": loss.detach(),
+            "train/rec_loss": rec.detach(),
+            "train/quantizer_loss": out.quantizer_loss.detach(),
+            "train/codebook_usage": stats["usage"],
+            "train/perplexity": stats["perplexity"],
+            "train/lr": torch.tensor(autoencoder.param_groups[0]["lr"]),
+            "growth/experts": torch.tensor(float(self.tokenizer.num_active)),
+            "growth/stage": torch.tensor(float(self.growth_stage)),
+        })
+        self.log_dict(logs, on_step=True, on_epoch=False)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        return loss.detach()
+
+    def _discriminator_step(self, optimizer, real: Tensor, fake: Tensor) -> Dict[str, Tensor]:
+        with self.toggled_optimizer(optimizer):
+            real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
+            d_loss = discriminator_hinge_loss(real_logits, fake_logits)
+            if self.lecam is not None:
+                d_loss = d_loss + self.cfg.loss.lecam_weight * self.lecam(real_logits, fake_logits)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            # Through the strategy, not LightningOptimizer.step: a discriminator update is not a training step.
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+        return {
+            "train/d_loss": d_loss.detach(),
+            "train/logits_real": real_logits.detach().mean(),
+            "train/logits_fake": fake_logits.detach().mean(),
+        }
+
+    def _maintain_codebook(self, ids: Tensor, vectors: Tensor, step: int) -> None:
+        after = self.cfg.tokenizer.quantizer.restart_dead_after
+        quantizer = self.tokenizer.quantizer
+        if after <= 0 or not quantizer.codebook.requires_grad:
+            return
+        quantizer.note_usage(self.all_gather(ids).flatten(), step)
+        if (step - quantizer.last_used > after).any():  # the same on every rank: usage is gathered
+            candidates = self.all_gather(vectors.detach()).reshape(-1, vectors.shape[-1])
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+            restarted = quantizer.restart_dead(candidates, step, after, generator)
+            self.log("train/restarted_codes", float(restarted), on_step=True, on_epoch=False)
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
+        images = batch["image"]
+        out = self.eval_tokenizer(images)
+        rec = pixel_loss(out.reconstruction, images * 2 - 1, self.cfg.loss.pixel)
+        loss = self.cfg.loss.pixel_weight * rec + self.cfg.loss.quantizer_weight * out.quantizer_loss
+        reconstruction = ((out.reconstruction + 1) / 2).clamp(0, 1)
+        self.val_psnr(reconstruction, images)
+        self.val_ssim(reconstruction, images)
+        self.val_codes(out.ids)
+        size = images.shape[0]
+        self.log("val/loss", loss, sync_dist=True, batch_size=size, prog_bar=True)
+        self.log("val/rec_loss", rec, sync_dist=True, batch_size=size)
+        self.log("val/psnr", self.val_psnr, batch_size=size, prog_bar=True)
+        self.log("val/ssim", self.val_ssim, batch_size=size)
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.val_codes.compute()
+        self.log_dict({"val/codebook_usage": stats["usage"], "val/perplexity": stats["perplexity"]})
+        self.val_codes.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nativetok"] = {"kind": "tokenizer", "version": __version__}
+
+
+def _summarise(names: List[str]) -> str:
+    """'expert.0', ..., 'expert.7' -> 'experts 0-7' (runs of experts folded)."""
+    experts = sorted(int(n.split(".")[1]) for n in names if n.startswith("expert."))
+    others = [n for n in names if not n.startswith("expert.")]
+    runs, start = [], None
+    for i, index in enumerate(experts):
+        start = index if start is None else start
+        if i + 1 == len(experts) or experts[i + 1] != index + 1:
+            runs.append(f"{start}-{index}" if start != index else f"{start}")
+            start = None
+    return ", ".join(others + ([f"experts {', '.join(runs)}"] if runs else []))

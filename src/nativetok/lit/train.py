@@ -1,0 +1,123 @@
+"""Build the Trainer, callbacks and run folder from a config, and run stage-1 training.
+
+A run folder is `run.dir` (default `runs/<run.name>`): `config.yaml` (the resolved config),
+`checkpoints/` (`last.ckpt` and the best by validation loss), `tb/` (TensorBoard) and pictures.
+Running the same command again continues from `last.ckpt` (`run.resume=auto`), so a killed or
+requeued job resumes without user action.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy
+
+from nativetok.config.loading import ConfigError, to_container, to_yaml
+from nativetok.config.schema import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+# Lightning warns about every IterableDataset with a length, and about PyTree internals; ours is exact.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def checkpoint_to_resume(config: ExperimentConfig) -> Optional[str]:
+    """The checkpoint a run continues from, per `run.resume`; None for a fresh start."""
+    folder = Path(config.run.dir) / "checkpoints"
+    last = folder / "last.ckpt"
+    if config.run.resume == "auto":
+        return str(last) if last.is_file() else None
+    if config.run.resume == "never":
+        if folder.is_dir() and any(folder.glob("*.ckpt")):
+            raise ConfigError(
+                f"run.resume: {folder} already holds checkpoints; use run.resume=auto to continue that run "
+                f"or set another run.name"
+            )
+        return None
+    return config.run.resume
+
+
+def make_strategy(config: ExperimentConfig):
+    # Growth stages leave experts unused and the GAN's two backward passes touch different parameters:
+    # DDP must tolerate parameters without gradients.
+    if config.trainer.strategy == "ddp":
+        return DDPStrategy(find_unused_parameters=True)
+    return config.trainer.strategy
+
+
+def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_dir: Path) -> pl.Trainer:
+    t = config.trainer
+    return pl.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=make_strategy(config),
+        precision=t.precision,
+        val_check_interval=t.val_every_n_steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
+        deterministic=t.deterministic,
+        logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+    )
+
+
+def checkpoint_callback(run_dir: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        filename="best-step{step:06d}",
+        auto_insert_metric_name=False,
+        monitor="val/loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+    )
+
+
+def train_tokenizer(config: ExperimentConfig) -> Path:
+    """Stage 1 on the configured shards; returns the run folder."""
+    from nativetok.data import ImageShardsDataModule
+    from nativetok.lit.callbacks import ExpertGrowth, ReconstructionGrid
+    from nativetok.lit.tokenizer_module import TokenizerModule
+
+    pl.seed_everything(config.seed, workers=True)
+    run_dir = Path(config.run.dir)
+    resume = checkpoint_to_resume(config)
+    datamodule = ImageShardsDataModule(config.data, seed=config.seed)
+    module = TokenizerModule(to_container(config))
+    callbacks: List[pl.Callback] = [
+        checkpoint_callback(run_dir),
+        ReconstructionGrid(config.trainer.images_every_n_steps, run_dir / "reconstructions.png"),
+    ]
+    if config.growth.stages:
+        callbacks.append(ExpertGrowth(config.growth.stages))
+        late = [s for s in config.growth.stages if s.step >= config.trainer.max_steps]
+        if late:
+            log.warning(
+                "growth stages beginning at steps %s come after trainer.max_steps=%d: training ends with %d experts",
+                [s.step for s in late], config.trainer.max_steps,
+                max(s.experts for s in config.growth.stages if s.step < config.trainer.max_steps),
+            )
+    if resume:
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    trainer = build_trainer(config, callbacks, run_dir)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+        counts = module.tokenizer.parameter_counts()
+        sizes = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        log.info("tokenizer '%s': %s parameters", config.tokenizer.kind, sizes)
+        log.info("run folder %s%s", run_dir, f"; resuming from {resume}" if resume else "")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    return run_dir

@@ -1,0 +1,14 @@
+"""Pixel reconstruction loss."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pixel_loss(reconstruction: Tensor, target: Tensor, kind: str = "l1") -> Tensor:
+    if kind == "l1":
+        return F.l1_loss(reconstruction, target)
+    if kind == "l2":
+        return F.mse_loss(reconstruction, target)
+    raise ValueError(f"unknown pixel loss '{kind}': use l1 or l2")

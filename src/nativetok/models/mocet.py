@@ -1,0 +1,96 @@
+"""Mixture of Causal Experts (MoCET): one small transformer per token position.
+
+Expert i reads [Z, the quantized tokens 0..i-1, its learned query] and its output at the query becomes
+token i, quantized and appended to the context of expert i+1. Token i therefore depends only on the
+image and the tokens before it. Each expert owns everything it uses (query, projection of earlier codes
+and their positions, blocks, output head), so freezing an expert fixes its token for a given image.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from nativetok.models.layers import Block, init_weights, learned_positions
+from nativetok.models.quantizer import Quantized, VectorQuantizer
+
+
+class Expert(nn.Module):
+    def __init__(self, index: int, width: int, depth: int, heads: int, mlp_ratio: float, code_dim: int):
+        super().__init__()
+        self.index = index
+        self.query = learned_positions(1, 1, width)
+        if index > 0:
+            self.token_in = nn.Linear(code_dim, width)
+            self.token_positions = learned_positions(1, index, width)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, code_dim)
+        init_weights(self)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        init_weights(self, generator)
+        with torch.no_grad():
+            self.query.normal_(std=0.02, generator=generator)
+            if self.index > 0:
+                self.token_positions.normal_(std=0.02, generator=generator)
+
+    @torch.no_grad()
+    def copy_from(self, source: "Expert") -> None:
+        """Start from a trained expert: same blocks, query and head; earlier-token inputs where it has them."""
+        self.blocks.load_state_dict(source.blocks.state_dict())
+        self.norm.load_state_dict(source.norm.state_dict())
+        self.head.load_state_dict(source.head.state_dict())
+        self.query.copy_(source.query)
+        if source.index > 0:
+            self.token_in.load_state_dict(source.token_in.state_dict())
+            self.token_positions[:, : source.index] = source.token_positions
+            self.token_positions[:, source.index :] = source.token_positions[:, -1:]
+
+    def forward(self, z: Tensor, previous: Tensor) -> Tensor:
+        """z [B, N, W], codes of the earlier tokens [B, index, code_dim] -> this token's vector [B, code_dim]."""
+        parts = [z]
+        if self.index > 0:
+            parts.append(self.token_in(previous) + self.token_positions)
+        parts.append(self.query.expand(z.shape[0], -1, -1))
+        x = torch.cat(parts, dim=1)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        x = self.blocks[-1](x, last=1)  # only the query position is used
+        return self.head(self.norm(x[:, 0]))
+
+
+class MixtureOfCausalExperts(nn.Module):
+    def __init__(self, num_tokens: int, width: int, depth: int, heads: int, mlp_ratio: float, code_dim: int):
+        super().__init__()
+        self.code_dim = code_dim
+        self.experts = nn.ModuleList(
+            Expert(i, width, depth, heads, mlp_ratio, code_dim) for i in range(num_tokens)
+        )
+
+    def forward(self, z: Tensor, quantizer: VectorQuantizer, count: int) -> Quantized:
+        """Tokens 0..count-1, each quantized before the next expert reads it."""
+        codes = z.new_zeros(z.shape[0], 0, self.code_dim)
+        ids: List[Tensor] = []
+        inputs: List[Tensor] = []
+        loss = z.new_zeros(())
+        for expert in self.experts[:count]:
+            token = quantizer(expert(z, codes))
+            codes = torch.cat([codes, token.codes[:, None]], dim=1)
+            ids.append(token.ids)
+            inputs.append(token.inputs)
+            loss = loss + token.loss
+        return Quantized(codes, torch.stack(ids, 1), loss / count, torch.stack(inputs, 1))
+
+    def grow(self, start: int, stop: int, init: str, generator: Optional[torch.Generator] = None) -> None:
+        """Bring experts start..stop-1 into use: copies of expert start-1, or freshly initialised.
+
+        Pass a generator seeded alike on every rank so that fresh experts are identical across ranks.
+        """
+        for expert in self.experts[start:stop]:
+            if init == "copy_last" and start > 0:
+                expert.copy_from(self.experts[start - 1])
+            else:
+                expert.reset_parameters(generator)

@@ -1,0 +1,188 @@
+"""NativeTokenizer = MIT + token producer (MoCET, or latent tokens for the baselines) + VQ + decoder.
+
+Kinds (the comparison of the paper, like for like):
+- `nativetok`: Z from the MIT, then one causal expert per token (MoCET); experts can be grown (HNT).
+- `parallel`: TiTok-style; learned latent tokens ride along with the patches through the MIT with full
+  attention and become all tokens at once.
+- `causal_mask`: the same, but latent token i attends only to the patches and to latents <= i (and the
+  patches do not attend to the latents), so the order is causal by masking alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from nativetok.config.schema import TokenizerConfig
+from nativetok.models.decoder import PixelDecoder
+from nativetok.models.layers import learned_positions
+from nativetok.models.mit import MetaImageTransformer
+from nativetok.models.mocet import MixtureOfCausalExperts
+from nativetok.models.quantizer import Quantized, VectorQuantizer
+
+
+@dataclass
+class TokenizerOutput:
+    reconstruction: Tensor  # [B, C, H, W] in about [-1, 1]
+    ids: Tensor  # [B, active tokens]
+    quantizer_loss: Tensor
+    vectors: Tensor  # [B, active tokens, code_dim] normalised encoder outputs before quantization
+
+
+class LatentTokens(nn.Module):
+    """The baselines' learned latent tokens, appended to the patches inside the MIT."""
+
+    def __init__(self, num_tokens: int, num_patches: int, width: int, causal: bool):
+        super().__init__()
+        self.tokens = learned_positions(1, num_tokens, width)
+        mask = None
+        if causal:
+            total = num_patches + num_tokens
+            mask = torch.zeros(total, total, dtype=torch.bool)
+            mask[:, :num_patches] = True  # everyone sees the patches; patches see only patches
+            mask[num_patches:, num_patches:] = torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()
+        self.register_buffer("mask", mask, persistent=False)
+
+
+class NativeTokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig, image_size: int, channels: int):
+        super().__init__()
+        self.config = config
+        self.kind = config.kind
+        self.image_size = image_size
+        self.channels = channels
+        self.num_tokens = config.num_tokens
+        q = config.quantizer
+        self.mit = MetaImageTransformer(
+            image_size, channels, config.patch_size, config.mit.width, config.mit.depth, config.mit.heads,
+            config.mit.mlp_ratio, config.latent_width,
+        )
+        if self.kind == "nativetok":
+            e = config.experts
+            self.experts = MixtureOfCausalExperts(
+                config.num_tokens, config.latent_width, e.depth, e.heads, e.mlp_ratio, q.code_dim
+            )
+        elif self.kind in ("parallel", "causal_mask"):
+            self.latents = LatentTokens(
+                config.num_tokens, self.mit.num_patches, config.mit.width, causal=self.kind == "causal_mask"
+            )
+            self.token_head = nn.Linear(config.latent_width, q.code_dim)
+        else:
+            raise ValueError(f"unknown tokenizer kind '{self.kind}'")
+        self.quantizer = VectorQuantizer(q.codebook_size, q.code_dim, q.commitment)
+        d = config.decoder
+        self.decoder = PixelDecoder(
+            image_size, channels, config.patch_size, config.num_tokens, q.code_dim, d.width, d.depth, d.heads,
+            d.mlp_ratio,
+        )
+        # Tokens produced so far: grows with Hierarchical Native Training; saved with the weights.
+        self.register_buffer("active_tokens", torch.tensor(config.num_tokens))
+
+    # -- tokens ---------------------------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return int(self.active_tokens)
+
+    def check_images(self, images: Tensor) -> None:
+        expected = (self.channels, self.image_size, self.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"images must be [B, {expected[0]}, {expected[1]}, {expected[2]}] for this tokenizer, "
+                f"got {list(images.shape)}"
+            )
+
+    def quantize(self, images: Tensor) -> Quantized:
+        """images in [-1, 1] -> the quantized active tokens."""
+        if self.kind == "nativetok":
+            return self.experts(self.mit(images), self.quantizer, self.num_active)
+        z = self.mit(images, extra=self.latents.tokens, mask=self.latents.mask)
+        return self.quantizer(self.token_head(z[:, self.mit.num_patches :]))
+
+    def forward(self, images: Tensor, lengths: Optional[Tensor] = None) -> TokenizerOutput:
+        """images in [0, 1] -> reconstruction in about [-1, 1] (decoded from `lengths` tokens per sample)."""
+        self.check_images(images)
+        tokens = self.quantize(images * 2 - 1)
+        reconstruction = self.decoder(tokens.codes, lengths)
+        return TokenizerOutput(reconstruction, tokens.ids, tokens.loss, tokens.inputs)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images float [B, C, H, W] in [0, 1] -> token ids LongTensor [B, active tokens]."""
+        self.check_images(images)
+        return self.quantize(images * 2 - 1).ids
+
+    @torch.no_grad()
+    def decode(self, ids: Tensor, k: Optional[int] = None) -> Tensor:
+        """ids [B, n] -> images in [0, 1], from the first k tokens (default: all n given)."""
+        if ids.dim() != 2 or ids.shape[1] > self.num_tokens:
+            raise ValueError(f"ids must be [B, n] with n <= {self.num_tokens}, got {list(ids.shape)}")
+        if k is not None:
+            if not 0 <= k <= ids.shape[1]:
+                raise ValueError(f"k={k} is outside the {ids.shape[1]} tokens given")
+            ids = ids[:, :k]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.quantizer.codebook_size):
+            raise ValueError(f"token ids must be in [0, {self.quantizer.codebook_size})")
+        images = self.decoder(self.quantizer.lookup(ids))
+        return ((images + 1) / 2).clamp(0, 1)
+
+    # -- Hierarchical Native Training -------------------------------------------------------------
+    def set_active(self, count: int) -> None:
+        """Use the first `count` experts, as they are (no initialisation): the start of a schedule."""
+        if self.kind != "nativetok" and count != self.num_tokens:
+            raise ValueError(f"a '{self.kind}' tokenizer always produces all {self.num_tokens} tokens")
+        if not 1 <= count <= self.num_tokens:
+            raise ValueError(f"cannot use {count} experts: the tokenizer has {self.num_tokens} tokens")
+        self.active_tokens.fill_(count)
+
+    def grow(self, count: int, init: str, generator: Optional[torch.Generator] = None) -> None:
+        """Bring experts into use up to `count` (new ones initialised per `init`)."""
+        if self.kind != "nativetok":
+            raise ValueError(f"a '{self.kind}' tokenizer has no experts to grow")
+        if not 1 <= count <= self.num_tokens:
+            raise ValueError(f"cannot grow to {count} experts: the tokenizer has {self.num_tokens} tokens")
+        if count > self.num_active:
+            self.experts.grow(self.num_active, count, init, generator)
+        self.active_tokens.fill_(count)
+
+    def parts(self) -> Dict[str, List[nn.Parameter]]:
+        """Parameters by the names a growth schedule uses; experts listed one by one as expert.<i>."""
+        groups: Dict[str, List[nn.Parameter]] = {"mit": list(self.mit.parameters())}
+        if self.kind == "nativetok":
+            for i, expert in enumerate(self.experts.experts):
+                groups[f"expert.{i}"] = list(expert.parameters())
+        else:
+            groups["mit"] += list(self.latents.parameters()) + list(self.token_head.parameters())
+        groups["codebook"] = [self.quantizer.codebook]
+        groups["decoder"] = list(self.decoder.parameters())
+        return groups
+
+    def set_trainable(self, new_experts: range, train: Sequence[str]) -> List[str]:
+        """Train the experts in `new_experts` and the listed parts; freeze everything else.
+
+        `train` holds any of all, mit, old_experts, codebook, decoder. Experts not yet active are frozen
+        too. Returns the names of the frozen parts.
+        """
+        frozen = []
+        for name, params in self.parts().items():
+            if name.startswith("expert."):
+                index = int(name.split(".")[1])
+                trains = index < self.num_active and (
+                    index in new_experts or "all" in train or ("old_experts" in train and index < new_experts.start)
+                )
+            else:
+                trains = "all" in train or name in train
+            for p in params:
+                p.requires_grad_(trains)
+            if not trains:
+                frozen.append(name)
+        return frozen
+
+    def parameter_counts(self) -> Dict[str, int]:
+        counts = {"total": sum(p.numel() for p in self.parameters())}
+        for name, params in self.parts().items():
+            key = "experts" if name.startswith("expert.") else name
+            counts[key] = counts.get(key, 0) + sum(p.numel() for p in params)
+        return counts

@@ -1,0 +1,78 @@
+"""Shared fixtures: the real embedded Fashion-MNIST shards (built by `make data`) and small copies of them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST_INDEX = REPO / "data" / "fmnist" / "index.json"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def fmnist_index() -> Path:
+    if not FMNIST_INDEX.is_file():
+        pytest.fail(f"{FMNIST_INDEX} is missing: run `make data` (make test does it) before the tests")
+    return FMNIST_INDEX
+
+
+@pytest.fixture()
+def shard_copy(tmp_path, fmnist_index):
+    """Copy chosen shards of the real data into tmp_path; returns a function (split, numbers) -> paths."""
+
+    def copy(split: str, numbers):
+        paths = []
+        for n in numbers:
+            source = fmnist_index.parent / f"fmnist-{split}-{n:06d}.tar"
+            target = tmp_path / source.name
+            shutil.copyfile(source, target)
+            paths.append(target)
+        return paths
+
+    return copy
+
+
+# A tokenizer small enough for a CPU test to train it for a few steps in seconds.
+TINY = [
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.val_samples=64",
+    "data.shuffle_buffer=64",
+    "tokenizer.patch_size=8",
+    "tokenizer.num_tokens=8",
+    "tokenizer.mit.width=32",
+    "tokenizer.mit.depth=1",
+    "tokenizer.mit.heads=2",
+    "tokenizer.latent_width=16",
+    "tokenizer.experts.depth=2",
+    "tokenizer.experts.heads=2",
+    "tokenizer.decoder.width=32",
+    "tokenizer.decoder.depth=1",
+    "tokenizer.decoder.heads=2",
+    "tokenizer.quantizer.codebook_size=32",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "trainer.images_every_n_steps=0",
+    "optim.warmup_steps=2",
+    "growth.stages=[]",
+]
+
+
+@pytest.fixture()
+def tiny_config(tmp_path, fmnist_index):
+    """The default experiment shrunk for tests, writing into tmp_path; extra key=value overrides apply last."""
+    from nativetok.config import load_config
+
+    def make(*overrides: str):
+        return load_config(
+            REPO / "experiments" / "fmnist_tiny.yaml",
+            TINY + [f"data.index={fmnist_index}", f"run.dir={tmp_path / 'run'}", *overrides],
+        )
+
+    return make

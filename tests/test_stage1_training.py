@@ -1,0 +1,154 @@
+"""Stage-1 training through Lightning: learning, HNT growth and freezing, exact resume, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from nativetok import load_tokenizer
+from nativetok.checkpoints import CheckpointError
+from nativetok.config.loading import to_container
+from nativetok.data import ImageShardsDataModule
+from nativetok.lit.callbacks import ExpertGrowth
+from nativetok.lit.tokenizer_module import TokenizerModule
+from nativetok.lit.train import build_trainer, checkpoint_callback, train_tokenizer
+
+GROWTH = "growth.stages=[{step: 0, experts: 2}, {step: 4, experts: 4, train: [decoder]}, {step: 9, experts: 8}]"
+
+
+class Recorder(pl.Callback):
+    """Loss, expert count and trainable set at every step, and a snapshot of chosen parameters."""
+
+    def __init__(self):
+        self.losses, self.experts, self.trainable = {}, {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        self.losses[step] = float(outputs["loss"])
+        self.experts[step] = pl_module.tokenizer.num_active
+        self.trainable[step] = {n for n, p in pl_module.tokenizer.named_parameters() if p.requires_grad}
+
+
+def fit(config, callbacks=(), ckpt_path=None):
+    torch.manual_seed(config.seed)
+    module = TokenizerModule(to_container(config))
+    run_dir = Path(config.run.dir)
+    extra = [ExpertGrowth(config.growth.stages)] if config.growth.stages else []
+    trainer = build_trainer(config, [checkpoint_callback(run_dir), *extra, *callbacks], run_dir)
+    trainer.fit(module, datamodule=ImageShardsDataModule(config.data, seed=config.seed), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def test_training_cuts_the_reconstruction_loss_on_real_images(tiny_config):
+    """Overfit one real batch: the reconstruction loss falls to well under half of where it started."""
+    config = tiny_config("optim.lr=3e-3", "optim.warmup_steps=5")
+    module = TokenizerModule(to_container(config))
+    images = next(iter(ImageShardsDataModule(config.data).make_stream(False)))["image"].float() / 255
+    optimizer = torch.optim.AdamW(module.tokenizer.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(120):
+        out = module.tokenizer(images)
+        loss = ((out.reconstruction - (images * 2 - 1)) ** 2).mean()
+        optimizer.zero_grad()
+        (loss + out.quantizer_loss).backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.4 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ["nativetok", "parallel", "causal_mask"])
+def test_every_tokenizer_kind_trains_through_the_same_module(tiny_config, kind):
+    config = tiny_config(f"tokenizer.kind={kind}", "trainer.max_steps=3", "trainer.val_every_n_steps=3")
+    trainer, module = fit(config)
+    assert trainer.global_step == 3
+    checkpoint = Path(config.run.dir) / "checkpoints" / "last.ckpt"
+    tokenizer = load_tokenizer(checkpoint)
+    images = torch.rand(2, 1, 32, 32)
+    assert tokenizer.kind == kind and torch.equal(tokenizer.encode(images), module.tokenizer.eval().encode(images))
+    assert trainer.callback_metrics["val/psnr"] > 0
+
+
+def test_growth_freezes_earlier_experts_and_the_optimizer_holds_only_trainable_parameters(tiny_config):
+    config = tiny_config(GROWTH, "trainer.max_steps=8", "trainer.val_every_n_steps=100")
+    snapshots = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5:  # one step into stage 1
+                snapshots["start"] = {n: p.detach().clone() for n, p in pl_module.tokenizer.named_parameters()}
+                optimizer = trainer.optimizers[0]
+                held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+                trainable = {id(p) for p in pl_module.tokenizer.parameters() if p.requires_grad}
+                snapshots["optimizer_ok"] = held == trainable and all(id(p) in held for p in optimizer.state)
+
+    recorder = Recorder()
+    trainer, module = fit(config, [Snapshot(), recorder])
+    assert recorder.experts[4] == 2 and recorder.experts[5] == 4
+    assert snapshots["optimizer_ok"]
+    after = dict(module.tokenizer.named_parameters())
+    for name, before in snapshots["start"].items():
+        frozen = name.startswith(("mit.", "quantizer.", "experts.experts.0.", "experts.experts.1."))
+        if frozen:
+            assert torch.equal(after[name], before), f"{name} changed while frozen"
+    changed = [n for n in ("experts.experts.2.head.weight", "experts.experts.3.query", "decoder.to_pixels.weight")
+               if not torch.equal(after[n], snapshots["start"][n])]
+    assert len(changed) == 3
+
+
+def test_resume_mid_schedule_continues_exactly(tiny_config, tmp_path):
+    """Checkpoint at step 6 (in stage 1); the resumed run has the same experts, frozen set and next losses."""
+    overrides = (GROWTH, "trainer.max_steps=11", "trainer.val_every_n_steps=6", "tokenizer.decoder.random_prefix=0.5")
+    whole = Recorder()
+    fit(tiny_config(*overrides, f"run.dir={tmp_path / 'whole'}"), [whole])
+    checkpoint = tmp_path / "whole" / "checkpoints" / "last.ckpt"  # written at the only validation, step 6
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
+    resumed = Recorder()
+    fit(tiny_config(*overrides, f"run.dir={tmp_path / 'resumed'}"), [resumed], ckpt_path=str(checkpoint))
+    assert min(resumed.losses) == 7
+    assert resumed.experts[7] == whole.experts[7] == 4
+    assert resumed.trainable[7] == whole.trainable[7]
+    for step in (7, 8, 9, 10, 11):  # the growth to 8 experts at step 9 happens after the resume too
+        assert resumed.losses[step] == pytest.approx(whole.losses[step], rel=1e-5, abs=1e-6), step
+    assert resumed.experts[11] == 8
+
+
+def test_gan_training_counts_one_step_per_batch_and_trains_the_discriminator(tiny_config):
+    config = tiny_config(
+        "loss.disc_weight=0.1", "loss.disc_start=2", "loss.lecam_weight=0.01",
+        "loss.discriminator.channels=8", "loss.discriminator.layers=2",
+        "trainer.max_steps=4", "trainer.val_every_n_steps=100",
+    )
+    torch.manual_seed(0)
+    start = TokenizerModule(to_container(config)).discriminator.state_dict()
+    trainer, module = fit(config)
+    assert trainer.global_step == 4
+    end = module.discriminator.state_dict()
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert "train/adaptive_weight" in trainer.callback_metrics and "train/d_loss" in trainer.callback_metrics
+
+
+def test_train_command_writes_run_folder_and_resumes(tiny_config):
+    config = tiny_config("trainer.max_steps=2", "trainer.val_every_n_steps=2", "trainer.images_every_n_steps=1")
+    run_dir = train_tokenizer(config)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "reconstructions.png").is_file() and any((run_dir / "tb").glob("events.*"))
+    longer = tiny_config("trainer.max_steps=3", "trainer.val_every_n_steps=3")
+    train_tokenizer(longer)  # the same command again continues from last.ckpt
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_checkpoints_of_another_kind_are_refused(tmp_path):
+    torch.save({"nativetok": {"kind": "generator"}, "state_dict": {}}, tmp_path / "gen.ckpt")
+    with pytest.raises(CheckpointError, match="is a generator checkpoint, not a tokenizer"):
+        load_tokenizer(tmp_path / "gen.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not a NativeTok checkpoint"):
+        load_tokenizer(tmp_path / "other.ckpt")
+    (tmp_path / "broken.ckpt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_tokenizer(tmp_path / "broken.ckpt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_tokenizer(tmp_path / "missing.ckpt")
