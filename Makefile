@@ -11,8 +11,15 @@ FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 EXP ?= experiments/fmnist_tiny.yaml
 ARGS ?=
 PYTEST_ARGS ?=
+# Stage 2 on the embedded default: the default tokenizer's checkpoint, its token shards, a generator.
+TOKENIZER ?= runs/fmnist_tiny/checkpoints/last.ckpt
+TOKENS ?= data/tokens/fmnist_tiny
+EXP2 ?= experiments/fmnist_tiny_ar.yaml
+GEN ?= runs/$(basename $(notdir $(EXP2)))/checkpoints/last.ckpt
+SAMPLES ?= runs/samples/$(basename $(notdir $(EXP2)))
+SAMPLE_ARGS ?=
 
-.PHONY: help setup data train-stage1 test test-all lint clean
+.PHONY: help setup data train-stage1 tokenize train-stage2 sample test test-all lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -39,6 +46,23 @@ $(FMNIST): | $(STAMP)
 
 train-stage1: $(FMNIST)  ## train the stage-1 tokenizer: EXP=experiments/... ARGS="key=value ..."
 	$(NATIVETOK) train $(EXP) $(ARGS)
+
+$(TOKENIZER): | $(FMNIST)
+	$(NATIVETOK) train experiments/fmnist_tiny.yaml
+
+tokenize: $(TOKENS)/index.json  ## encode the default shards with TOKENIZER (trained first if missing) into TOKENS
+
+$(TOKENS)/index.json: | $(TOKENIZER)
+	$(NATIVETOK) tokenize --tokenizer $(TOKENIZER) --data $(FMNIST) --out $(TOKENS) --flip
+
+train-stage2: $(TOKENS)/index.json  ## train a generator on the tokens: EXP2=experiments/fmnist_tiny_{ar,maskgit}.yaml ARGS=...
+	$(NATIVETOK) train $(EXP2) $(ARGS)
+
+$(GEN): | $(TOKENS)/index.json
+	$(NATIVETOK) train $(EXP2) $(ARGS)
+
+sample: | $(GEN)  ## sample every class with GEN (trained first if missing) into SAMPLES; SAMPLE_ARGS="--cfg 3 ..."
+	$(NATIVETOK) sample --generator $(GEN) --out $(SAMPLES) $(SAMPLE_ARGS)
 
 test: $(FMNIST)  ## the test suite without the slow tests
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)

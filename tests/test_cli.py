@@ -10,7 +10,7 @@ from nativetok.cli import main
 
 from .conftest import REPO
 
-TARGETS = ["setup", "data", "train-stage1", "test", "test-all", "lint", "clean"]
+TARGETS = ["setup", "data", "train-stage1", "tokenize", "train-stage2", "sample", "test", "test-all", "lint", "clean"]
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
@@ -26,6 +26,14 @@ def test_makefile_targets_exist(target):
 def test_train_stage1_dry_run_trains_the_default_experiment():
     result = make("-n", "train-stage1", "ARGS=trainer.max_steps=5")
     assert "nativetok train experiments/fmnist_tiny.yaml trainer.max_steps=5" in result.stdout
+
+
+def test_stage2_targets_name_their_checkpoints(tmp_path):
+    result = make("-n", "sample", f"GEN={tmp_path}/g.ckpt", f"TOKENS={tmp_path}/t", f"TOKENIZER={tmp_path}/k.ckpt")
+    assert "nativetok train experiments/fmnist_tiny.yaml" in result.stdout  # the tokenizer first, when missing
+    assert f"nativetok tokenize --tokenizer {tmp_path}/k.ckpt" in result.stdout
+    assert "nativetok train experiments/fmnist_tiny_ar.yaml" in result.stdout
+    assert f"nativetok sample --generator {tmp_path}/g.ckpt --out runs/samples/fmnist_tiny_ar" in result.stdout
 
 
 def test_help_lists_the_targets():

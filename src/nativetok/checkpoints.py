@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from nativetok.config.loading import from_container
-from nativetok.models.tokenizer import NativeTokenizer
+from nativetok.config.schema import ExperimentConfig
+from nativetok.models import ARGenerator, MaskGITGenerator, NativeTokenizer, build_generator
 
 
 class CheckpointError(ValueError):
@@ -42,3 +43,34 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu", 
     state = module_state(checkpoint, "ema.shadow.") if ema else {}
     tokenizer.load_state_dict(state or module_state(checkpoint, "tokenizer."))
     return tokenizer.to(device).eval()
+
+
+def load_matching_tokenizer(
+    path: str | os.PathLike, codebook_size: int, num_tokens: int, device: str | torch.device = "cpu"
+) -> NativeTokenizer:
+    """The tokenizer a generator decodes with, refused when its codebook or token count differ."""
+    tokenizer = load_tokenizer(path, device)
+    for name, found, expected in (
+        ("codebook_size", tokenizer.quantizer.codebook_size, codebook_size),
+        ("num_tokens", tokenizer.num_active, num_tokens),
+    ):
+        if found != expected:
+            raise CheckpointError(f"tokenizer {path} has {name} {found} but the generator expects {expected}")
+    return tokenizer
+
+
+def generator_config(path: str | os.PathLike) -> ExperimentConfig:
+    """The experiment a generator checkpoint was trained with (its tokenizer, sizes, sampling defaults)."""
+    return from_container(read_checkpoint(path, "generator")["hyper_parameters"]["config"])
+
+
+def load_generator(
+    path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True
+) -> ARGenerator | MaskGITGenerator:
+    """A trained generator in eval mode (its moving-average weights when it has them and `ema` is set)."""
+    checkpoint = read_checkpoint(path, "generator")
+    config = from_container(checkpoint["hyper_parameters"]["config"])
+    generator = build_generator(config.generator, config.data.num_classes)
+    state = module_state(checkpoint, "ema.shadow.") if ema else {}
+    generator.load_state_dict(state or module_state(checkpoint, "generator."))
+    return generator.to(device).eval()

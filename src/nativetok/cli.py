@@ -43,10 +43,30 @@ def _train(args: argparse.Namespace) -> None:
     from nativetok.config import load_config
 
     config = load_config(args.experiment, args.overrides)
-    if config.stage == "tokenizer":
-        from nativetok.lit.train import train_tokenizer
+    from nativetok.lit.train import train_generator, train_tokenizer
 
-        train_tokenizer(config)
+    (train_tokenizer if config.stage == "tokenizer" else train_generator)(config)
+
+
+def _tokenize(args: argparse.Namespace) -> None:
+    from nativetok.data.tokens import tokenize_shards
+
+    tokenize_shards(
+        args.tokenizer, args.data, Path(args.out), splits=args.splits, batch_size=args.batch_size,
+        flip=args.flip, device=args.device,
+    )
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from nativetok.eval.samples import sample_to_folder
+
+    sample_to_folder(
+        args.generator, Path(args.out), classes=args.classes, per_class=args.per_class,
+        tokenizer_path=args.tokenizer, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        png=args.format in ("png", "both"), npz=args.format in ("npz", "both"),
+        cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, steps=args.steps,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +100,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.max_steps=200 data.batch_size=64")
     train.set_defaults(func=_train)
 
+    tokenize = commands.add_parser("tokenize", help="encode image shards into token shards with a tokenizer")
+    tokenize.add_argument("--tokenizer", required=True, help="stage-1 checkpoint")
+    tokenize.add_argument("--data", default="data/fmnist/index.json", help="index.json of the image shards")
+    tokenize.add_argument("--out", required=True, help="folder for the token shards and their index.json")
+    tokenize.add_argument("--splits", nargs="+", default=["train", "val"])
+    tokenize.add_argument("--batch-size", type=int, default=256)
+    tokenize.add_argument("--flip", action="store_true", help="also store the tokens of the flipped image")
+    tokenize.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
+    tokenize.set_defaults(func=_tokenize)
+
+    sample = commands.add_parser("sample", help="class-conditional samples of a generator, decoded to images")
+    sample.add_argument("--generator", required=True, help="stage-2 checkpoint")
+    sample.add_argument("--tokenizer", default=None, help="default: the one the generator was trained with")
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--classes", type=int, nargs="+", default=None, help="default: every class")
+    sample.add_argument("--per-class", type=int, default=8)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--device", default=None)
+    sample.add_argument("--format", choices=["png", "npz", "both"], default="both")
+    sample.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the config's)")
+    sample.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None)
+    sample.add_argument("--temperature", type=float, default=None)
+    sample.add_argument("--top-k", type=int, default=None)
+    sample.add_argument("--top-p", type=float, default=None)
+    sample.add_argument("--steps", type=int, default=None, help="MaskGIT decoding steps")
+    sample.set_defaults(func=_sample)
+
     config = commands.add_parser("config", help="print the resolved, checked config of an experiment")
     config.add_argument("experiment")
     config.add_argument("overrides", nargs="*", help="key=value")
@@ -100,7 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as error:
+        if args.verbose:
+            raise
         print(f"nativetok {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -300,8 +300,32 @@ def check_growth(c: ExperimentConfig) -> Check:
         )
 
 
+def check_generator(c: ExperimentConfig) -> Check:
+    g = c.generator
+    yield from _choice("generator.kind", g.kind, ("ar", "maskgit"))
+    yield from _positive("generator", g, "codebook_size", "num_tokens", "width", "depth", "mlp_ratio")
+    yield from _heads_divide("generator", g.width, g.heads)
+    if g.heads > 0 and g.width % g.heads == 0 and (g.width // g.heads) % 2:
+        yield "generator.heads", f"width / heads must be even for rotary embeddings, got {g.width // g.heads}"
+    if not 0.0 <= g.class_dropout < 1.0:
+        yield "generator.class_dropout", f"is a probability below 1, got {g.class_dropout}"
+    yield from _choice("generator.mask_schedule", g.mask_schedule, ("cosine", "arccos", "linear"))
+    if not g.tokenizer:
+        yield "generator.tokenizer", "must name the stage-1 checkpoint that made the tokens"
+
+
+def check_sampling(c: ExperimentConfig) -> Check:
+    s = c.sampling
+    yield from _choice("sampling.cfg_schedule", s.cfg_schedule, ("constant", "linear"))
+    yield from _non_negative("sampling", s, "cfg_scale", "temperature", "top_k", "choice_temperature")
+    yield from _positive("sampling", s, "steps", "grid_per_class")
+    if not 0.0 < s.top_p <= 1.0:
+        yield "sampling.top_p", f"must be in (0, 1], got {s.top_p}"
+
+
 STAGE_CHECKS: dict[str, List[Callable[[ExperimentConfig], Check]]] = {
     "tokenizer": [check_run, check_data, check_trainer, check_tokenizer, check_loss, check_optim, check_growth],
+    "generator": [check_run, check_data, check_trainer, check_optim, check_generator, check_sampling],
 }
 
 

@@ -173,7 +173,39 @@ class GrowthConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    # ar: autoregressive (LlamaGen-style); maskgit: bidirectional, iterative parallel decoding.
+    kind: str = "ar"
+    # The stage-1 checkpoint that made the tokens: it decodes samples, and must match the two sizes below.
+    tokenizer: str = "runs/fmnist_tiny/checkpoints/last.ckpt"
+    codebook_size: int = 256
+    num_tokens: int = 16
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # Probability of training with the null class (what classifier-free guidance needs).
+    class_dropout: float = 0.1
+    mask_schedule: str = "cosine"  # maskgit: cosine, arccos or linear
+
+
+@dataclass
+class SamplingConfig:
+    cfg_scale: float = 2.0
+    # constant, or linear: rising from 1 at the first token to cfg_scale at the last.
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    steps: int = 8  # maskgit decoding steps
+    choice_temperature: float = 4.5  # maskgit: Gumbel noise on confidences, annealed to 0
+    # Samples per class in the grids logged during training.
+    grid_per_class: int = 8
+
+
+@dataclass
 class ExperimentConfig:
+    # tokenizer: stage 1 (uses tokenizer, loss, growth); generator: stage 2 (uses generator, sampling).
     stage: str = "tokenizer"
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
@@ -183,3 +215,5 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)

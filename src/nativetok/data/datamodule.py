@@ -21,6 +21,7 @@ from nativetok.data.stream import (
     limit_samples,
     to_float_images,
 )
+from nativetok.data.tokens import TokenDecoder
 from nativetok.data.transforms import ImageDecoder
 
 log = logging.getLogger(__name__)
@@ -179,3 +180,29 @@ class ImageShardsDataModule(ShardsDataModule):
     def decoder(self, train: bool) -> ImageDecoder:
         c = self.config
         return ImageDecoder(c.image_size, c.channels, train=train, hflip=c.hflip)
+
+
+class TokenShardsDataModule(ShardsDataModule):
+    """Token sequences ({"tokens": long [B, K], "label": long [B]}) from pre-tokenized shards.
+
+    `codebook_size` and `num_tokens` are what the generator expects; shards written by another
+    tokenizer are refused before training starts.
+    """
+
+    def __init__(self, config: DataConfig, codebook_size: int, num_tokens: int, seed: int = 0):
+        super().__init__(config, seed)
+        self.expected = {"codebook_size": codebook_size, "num_tokens": num_tokens}
+
+    def check_index(self) -> None:
+        super().check_index()
+        found = (self.index.tokens or {}) if self.index is not None else {}
+        if self.index is not None and not found:
+            raise DataError(f"{self.config.index} indexes image shards, not token shards (run `nativetok tokenize`)")
+        for key, value in self.expected.items():
+            if key in found and found[key] != value:
+                raise DataError(
+                    f"token shards {self.config.index} have {key} {found[key]} but generator.{key} is {value}"
+                )
+
+    def decoder(self, train: bool) -> TokenDecoder:
+        return TokenDecoder(train=train, flip=self.config.hflip)

@@ -8,7 +8,6 @@ final name). A final pass counts the samples of every shard against the plan.
 from __future__ import annotations
 
 import logging
-import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -21,6 +20,7 @@ from nativetok.data.shards import (
     DatasetIndex,
     ShardEntry,
     SplitIndex,
+    count_samples,
     encode_image,
     plan_shards,
     shard_name,
@@ -78,12 +78,6 @@ def _write_one(job) -> Tuple[str, int]:
         _sample(p, label, f"{split}{start + i:08d}", size, fmt, mode) for i, (p, label) in enumerate(items)
     )
     return str(path), write_shard(Path(path), samples)
-
-
-def count_samples(path: Path) -> int:
-    """Distinct sample keys in a tar (reads headers only)."""
-    with tarfile.open(path, "r:") as tar:
-        return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isreg()})
 
 
 def shard_folder(

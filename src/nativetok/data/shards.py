@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 from PIL import Image
@@ -92,6 +93,8 @@ class DatasetIndex:
     classes: List[str]
     splits: Dict[str, SplitIndex]
     fmt: str = "png"
+    # Token shards only: codebook size, tokens per image and the tokenizer that wrote them.
+    tokens: Optional[Dict[str, Any]] = None
     root: Optional[Path] = None  # folder of the index; shard files are relative to it
 
     def shard_paths(self, split: str) -> List[str]:
@@ -103,7 +106,7 @@ class DatasetIndex:
         return self.splits[split]
 
     def to_json(self) -> dict:
-        return {
+        body = {
             "version": INDEX_VERSION,
             "name": self.name,
             "image_size": self.image_size,
@@ -118,6 +121,9 @@ class DatasetIndex:
                 for split, index in self.splits.items()
             },
         }
+        if self.tokens is not None:
+            body["tokens"] = self.tokens
+        return body
 
     def save(self, folder: Path) -> Path:
         folder = Path(folder)
@@ -132,8 +138,8 @@ class DatasetIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"dataset index not found: {path} (build the default data with `make data`, "
-                f"or write shards with `nativetok shard`)"
+                f"dataset index not found: {path} (image shards: `make data` or `nativetok shard`; "
+                f"token shards: `make tokenize` or `nativetok tokenize`)"
             )
         raw = json.loads(path.read_text())
         try:
@@ -148,6 +154,7 @@ class DatasetIndex:
                 classes=list(raw["classes"]),
                 splits=splits,
                 fmt=raw.get("format", "png"),
+                tokens=raw.get("tokens"),
                 root=path.parent,
             )
         except (KeyError, TypeError, ValueError) as error:
@@ -159,3 +166,9 @@ def plan_shards(count: int, per_shard: int) -> List[range]:
     if per_shard <= 0:
         raise ValueError(f"samples per shard must be > 0, got {per_shard}")
     return [range(start, min(start + per_shard, count)) for start in range(0, count, per_shard)]
+
+
+def count_samples(path: Path) -> int:
+    """Distinct sample keys in a tar (reads headers only)."""
+    with tarfile.open(path, "r:") as tar:
+        return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isreg()})

@@ -104,6 +104,25 @@ def limit_samples(shards: Sequence[ShardSpec], samples: int) -> List[ShardSpec]:
     return chosen
 
 
+SHARD_ERRORS = (OSError, tarfile.TarError, ValueError)
+
+
+def read_shard(spec: ShardSpec) -> Iterator[dict]:
+    """The raw samples (dicts of bytes by extension, with `__key__`) of one shard, in order.
+
+    Raises one of SHARD_ERRORS where the file is missing or the tar is truncated or corrupt; the
+    samples read before that point have been yielded.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with open(spec.url, "rb") as stream:
+        files = tar_file_expander([{"url": spec.url, "stream": stream}])
+        for number, sample in enumerate(group_by_keys(files)):
+            if spec.limit is not None and number >= spec.limit:
+                return
+            yield sample
+
+
 def collate(samples: List[dict]) -> dict:
     return default_collate(samples)
 
@@ -173,16 +192,9 @@ class ShardStream(IterableDataset):
         log.warning("skipped a %s: %s", kind, message)
 
     def _read_shard(self, spec: ShardSpec) -> Iterator[dict]:
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
         try:
-            with open(spec.url, "rb") as stream:
-                files = tar_file_expander([{"url": spec.url, "stream": stream}])
-                for number, sample in enumerate(group_by_keys(files)):
-                    if spec.limit is not None and number >= spec.limit:
-                        return
-                    yield sample
-        except (OSError, tarfile.TarError, ValueError) as error:
+            yield from read_shard(spec)
+        except SHARD_ERRORS as error:
             self._skip("shard", f"{spec.url}: {error}")
 
     def _samples(self, share: Share, rng: random.Random) -> Iterator[dict]:

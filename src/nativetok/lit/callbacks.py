@@ -1,4 +1,4 @@
-"""Callbacks: the Hierarchical Native Training schedule, and reconstruction grids."""
+"""Callbacks: the Hierarchical Native Training schedule, reconstruction grids and sample grids."""
 
 from __future__ import annotations
 
@@ -106,3 +106,38 @@ class ReconstructionGrid(pl.Callback):
         if self.path is not None:
             save_image(self.grid(pl_module), self.path)
             log.info("reconstructions (rows: originals, all tokens, prefixes) -> %s", self.path)
+
+
+class SampleGrid(pl.Callback):
+    """Class-conditional samples (a row per class), decoded by the tokenizer, every N steps and at the end."""
+
+    def __init__(self, every_n_steps: int, path: Optional[Path] = None, per_class: int = 8, max_classes: int = 10):
+        self.every_n_steps = every_n_steps
+        self.path = path
+        self.per_class = per_class
+        self.max_classes = max_classes
+
+    def grid(self, pl_module) -> torch.Tensor:
+        classes = min(self.max_classes, pl_module.cfg.data.num_classes)
+        labels = torch.arange(classes).repeat_interleave(self.per_class)
+        images = pl_module.sample_images(labels, seed=0)
+        return make_grid(images.float().cpu(), nrow=self.per_class, padding=1, pad_value=1.0)
+
+    def _log(self, trainer: pl.Trainer, pl_module) -> torch.Tensor:
+        grid = self.grid(pl_module)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("samples", grid, trainer.global_step)
+        return grid
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._log(trainer, pl_module)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        grid = self._log(trainer, pl_module)
+        if self.path is not None:
+            save_image(grid, self.path)
+            log.info("samples (a row per class) -> %s", self.path)

@@ -1,4 +1,4 @@
-"""Codebook usage over a whole evaluation pass, summed correctly across DDP ranks."""
+"""Evaluation metrics summed correctly across DDP ranks: codebook usage, loss per token position."""
 
 from __future__ import annotations
 
@@ -22,3 +22,21 @@ class CodeUsage(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         return statistics_from_counts(self.counts)
+
+
+class PositionLoss(Metric):
+    """Mean loss at each token position over an evaluation pass (a curve over positions)."""
+
+    full_state_update = False
+
+    def __init__(self, num_tokens: int):
+        super().__init__()
+        self.add_state("total", default=torch.zeros(num_tokens, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(num_tokens, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, per_position: Tensor, count: int) -> None:
+        self.total += per_position.detach().double() * count
+        self.count += count
+
+    def compute(self) -> Tensor:
+        return self.total / self.count.clamp_min(1)

@@ -1,4 +1,4 @@
-"""Build the Trainer, callbacks and run folder from a config, and run stage-1 training.
+"""Build the Trainer, callbacks and run folder from a config, and run stage-1 or stage-2 training.
 
 A run folder is `run.dir` (default `runs/<run.name>`): `config.yaml` (the resolved config),
 `checkpoints/` (`last.ckpt` and the best by validation loss), `tb/` (TensorBoard) and pictures.
@@ -54,6 +54,8 @@ def make_strategy(config: ExperimentConfig):
 
 def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_dir: Path) -> pl.Trainer:
     t = config.trainer
+    # Stage 1 optimizes manually (autoencoder and discriminator) and clips inside its step.
+    clip = config.optim.grad_clip if config.stage == "generator" and config.optim.grad_clip > 0 else None
     return pl.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
@@ -67,6 +69,7 @@ def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_di
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
         deterministic=t.deterministic,
+        gradient_clip_val=clip,
         logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
@@ -85,20 +88,31 @@ def checkpoint_callback(run_dir: Path) -> ModelCheckpoint:
     )
 
 
+def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks: List[pl.Callback]):
+    """Seed, resolve the checkpoint to resume from, build the trainer and write the resolved config."""
+    run_dir = Path(config.run.dir)
+    resume = checkpoint_to_resume(config)
+    if resume:
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    trainer = build_trainer(config, [checkpoint_callback(run_dir), *callbacks], run_dir)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+        log.info("run folder %s%s", run_dir, f"; resuming from {resume}" if resume else "")
+    return trainer, resume
+
+
 def train_tokenizer(config: ExperimentConfig) -> Path:
-    """Stage 1 on the configured shards; returns the run folder."""
+    """Stage 1 on the configured image shards; returns the run folder."""
     from nativetok.data import ImageShardsDataModule
     from nativetok.lit.callbacks import ExpertGrowth, ReconstructionGrid
     from nativetok.lit.tokenizer_module import TokenizerModule
 
     pl.seed_everything(config.seed, workers=True)
     run_dir = Path(config.run.dir)
-    resume = checkpoint_to_resume(config)
-    datamodule = ImageShardsDataModule(config.data, seed=config.seed)
     module = TokenizerModule(to_container(config))
     callbacks: List[pl.Callback] = [
-        checkpoint_callback(run_dir),
-        ReconstructionGrid(config.trainer.images_every_n_steps, run_dir / "reconstructions.png"),
+        ReconstructionGrid(config.trainer.images_every_n_steps, run_dir / "reconstructions.png")
     ]
     if config.growth.stages:
         callbacks.append(ExpertGrowth(config.growth.stages))
@@ -109,15 +123,31 @@ def train_tokenizer(config: ExperimentConfig) -> Path:
                 [s.step for s in late], config.trainer.max_steps,
                 max(s.experts for s in config.growth.stages if s.step < config.trainer.max_steps),
             )
-    if resume:
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    trainer = build_trainer(config, callbacks, run_dir)
+    trainer, resume = _prepare_run(config, module, callbacks)
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
-        counts = module.tokenizer.parameter_counts()
-        sizes = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        sizes = ", ".join(f"{k} {v:,}" for k, v in module.tokenizer.parameter_counts().items())
         log.info("tokenizer '%s': %s parameters", config.tokenizer.kind, sizes)
-        log.info("run folder %s%s", run_dir, f"; resuming from {resume}" if resume else "")
+    trainer.fit(module, datamodule=ImageShardsDataModule(config.data, seed=config.seed), ckpt_path=resume)
+    return run_dir
+
+
+def train_generator(config: ExperimentConfig) -> Path:
+    """Stage 2 on the configured token shards; returns the run folder."""
+    from nativetok.data import TokenShardsDataModule
+    from nativetok.lit.callbacks import SampleGrid
+    from nativetok.lit.generator_module import GeneratorModule
+
+    pl.seed_everything(config.seed, workers=True)
+    run_dir = Path(config.run.dir)
+    g = config.generator
+    datamodule = TokenShardsDataModule(config.data, g.codebook_size, g.num_tokens, seed=config.seed)
+    datamodule.check_index()
+    module = GeneratorModule(to_container(config))
+    _ = module.tokenizer  # refuses a tokenizer that does not match, before any training
+    grid = SampleGrid(config.trainer.images_every_n_steps, run_dir / "samples.png", config.sampling.grid_per_class)
+    trainer, resume = _prepare_run(config, module, [grid])
+    if trainer.is_global_zero:
+        count = sum(p.numel() for p in module.generator.parameters())
+        log.info("generator '%s': %s parameters", g.kind, f"{count:,}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return run_dir

@@ -36,15 +36,17 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     raise ValueError(f"unknown norm '{kind}': use layer or rms")
 
 
-class Rotary:
+class Rotary(nn.Module):
     """Rotary position embedding tables (cos, sin) for positions 0..length-1, applied to q and k."""
 
-    def __init__(self, head_dim: int, length: int, base: float = 10000.0, device=None):
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-        angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
-        self.cos, self.sin = angles.cos(), angles.sin()
+    def __init__(self, head_dim: int, length: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.outer(torch.arange(length).float(), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def apply(self, x: Tensor, start: int) -> Tensor:
+    def rotate(self, x: Tensor, start: int) -> Tensor:
         """x: [B, H, T, Dh] at positions start..start+T-1."""
         length = x.shape[-2]
         cos = self.cos[start : start + length].to(x.dtype)
@@ -100,8 +102,8 @@ class Attention(nn.Module):
             k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
         if rotary is not None:
             start = cache.length if cache is not None else 0
-            k = rotary.apply(k, start)
-            q = rotary.apply(q, start + length - q.shape[-2])
+            k = rotary.rotate(k, start)
+            q = rotary.rotate(q, start + length - q.shape[-2])
         if cache is not None:
             k, v = cache.store(layer, k, v)
         # A causal mask over a query block that is shorter than the keys must be offset: SDPA's

@@ -1,0 +1,128 @@
+"""`GeneratorModule`: stage-2 training of an AR or MaskGIT generator on token sequences.
+
+Validation reports cross-entropy and bits per token (for the AR model an estimate of the code length
+of a token given the ones before it) and the loss at each position as a curve. The stage-1 tokenizer
+is loaded only to decode sample grids; it is not part of this module's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, List
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from nativetok import __version__
+from nativetok.config.loading import from_container
+from nativetok.lit.ema import EMA
+from nativetok.lit.metrics import PositionLoss
+from nativetok.lit.schedules import warmup_cosine
+from nativetok.models import build_generator, generate
+from nativetok.models.tokenizer import NativeTokenizer
+
+log = logging.getLogger(__name__)
+
+NO_DECAY = ("embed", "positions")
+
+
+class GeneratorModule(pl.LightningModule):
+    def __init__(self, config: dict):
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.cfg = c = from_container(config)
+        self.generator = build_generator(c.generator, c.data.num_classes)
+        self.ema = EMA(self.generator, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
+        self.val_positions = PositionLoss(c.generator.num_tokens)
+        self._tokenizer: List[NativeTokenizer] = []  # loaded on first use, kept out of the state dict
+
+    @property
+    def eval_generator(self):
+        return self.ema.shadow if self.ema is not None else self.generator
+
+    @property
+    def tokenizer(self) -> NativeTokenizer:
+        if not self._tokenizer:
+            from nativetok.checkpoints import load_matching_tokenizer
+
+            g = self.cfg.generator
+            self._tokenizer.append(load_matching_tokenizer(g.tokenizer, g.codebook_size, g.num_tokens))
+        return self._tokenizer[0].to(self.device)
+
+    def _generator_for_step(self) -> torch.Generator:
+        """Label dropout and masks drawn from (seed, step, rank): a resumed run draws what an unbroken one would."""
+        seed = (self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _loss(self, model, tokens: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        if self.cfg.generator.kind == "maskgit":
+            return model.loss(tokens, labels, generator)
+        return model.loss(tokens, labels)
+
+    # -- optimization -----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for name, p in self.generator.named_parameters():
+            (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
+        lr = o.lr * (self.cfg.data.batch_size / o.base_batch_size if o.base_batch_size else 1.0)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=tuple(o.betas), fused=(self.device.type == "cuda") or None,
+        )
+        total = self.cfg.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
+        )
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
+        generator = self._generator_for_step()
+        labels = self.generator.drop_labels(batch["label"], generator)
+        loss, _ = self._loss(self.generator, batch["tokens"], labels, generator)
+        self.log_dict(
+            {"train/loss": loss.detach(), "train/bits_per_token": loss.detach() / math.log(2)},
+            on_step=True, on_epoch=False,
+        )
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.generator)
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
+        tokens = batch["tokens"]
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + batch_idx)  # same masks each time
+        loss, per_position = self._loss(self.eval_generator, tokens, batch["label"], generator)
+        self.val_positions.update(per_position, tokens.shape[0])
+        size = tokens.shape[0]
+        self.log("val/loss", loss, sync_dist=True, batch_size=size, prog_bar=True)
+        self.log("val/bits_per_token", loss / math.log(2), sync_dist=True, batch_size=size)
+
+    def on_validation_epoch_end(self) -> None:
+        bits = (self.val_positions.compute() / math.log(2)).float()
+        self.val_positions.reset()
+        self.log_dict({f"val_position/bits_{i + 1:03d}": b for i, b in enumerate(bits)})
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
+            from nativetok.eval.plots import position_curves
+
+            figure = position_curves({"validation": bits.tolist()}, "bits per token", "loss at each position")
+            experiment.add_figure("val/bits_per_position", figure, self.global_step)
+
+    @torch.no_grad()
+    def sample_images(self, labels: Tensor, seed: int = 0) -> Tensor:
+        """Images in [0, 1] for class `labels`, sampled with the config's settings and decoded by the tokenizer."""
+        model = self.eval_generator
+        was_training = model.training
+        model.eval()
+        ids = generate(model, labels.to(self.device), self.cfg.sampling, seed)
+        model.train(was_training)
+        return self.tokenizer.decode(ids)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nativetok"] = {"kind": "generator", "version": __version__}

@@ -1,0 +1,158 @@
+"""MaskGIT-style class-conditional generator: a bidirectional transformer over partly masked sequences.
+
+Training masks a random fraction of the tokens drawn from the mask schedule and predicts them.
+Sampling starts fully masked and, over a few steps, keeps the most confident predictions; the number
+still masked after step t follows the schedule, so the last step leaves none.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nativetok.models.layers import Block, RMSNorm, init_weights, learned_positions
+from nativetok.models.sampling import draw, guidance_scale, guide
+
+MASK_SCHEDULES = ("cosine", "arccos", "linear")
+
+
+def mask_ratio(progress: Tensor | float, schedule: str) -> Tensor:
+    """Fraction of tokens masked at `progress` in [0, 1]: 1 at 0, 0 at 1."""
+    p = torch.as_tensor(progress, dtype=torch.float32)
+    if schedule == "cosine":
+        return torch.cos(p * math.pi / 2)
+    if schedule == "arccos":
+        return torch.arccos(p) / (math.pi / 2)
+    if schedule == "linear":
+        return 1 - p
+    raise ValueError(f"unknown mask schedule '{schedule}': use {', '.join(MASK_SCHEDULES)}")
+
+
+def masked_after_step(num_tokens: int, steps: int, schedule: str) -> List[int]:
+    """Tokens left masked after each sampling step: the schedule, forced to unmask at least one a step."""
+    counts, previous = [], num_tokens
+    for t in range(steps):
+        target = int(math.floor(num_tokens * float(mask_ratio((t + 1) / steps, schedule))))
+        target = 0 if t == steps - 1 else min(max(target, 0), previous - 1)
+        counts.append(max(target, 0))
+        previous = counts[-1]
+    return counts
+
+
+class MaskGITGenerator(nn.Module):
+    def __init__(
+        self,
+        codebook_size: int,
+        num_tokens: int,
+        num_classes: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        class_dropout: float = 0.1,
+        schedule: str = "cosine",
+    ):
+        super().__init__()
+        mask_ratio(0.5, schedule)  # fail early on an unknown schedule
+        self.codebook_size = codebook_size
+        self.num_tokens = num_tokens
+        self.num_classes = num_classes
+        self.class_dropout = class_dropout
+        self.schedule = schedule
+        self.token_embed = nn.Embedding(codebook_size + 1, width)  # the last id is [MASK]
+        self.class_embed = nn.Embedding(num_classes + 1, width)  # the last row is the null class
+        self.positions = learned_positions(1, num_tokens + 1, width)
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, norm="rms", mlp="swiglu", bias=False) for _ in range(depth)
+        )
+        self.norm = RMSNorm(width)
+        self.head = nn.Linear(width, codebook_size, bias=False)
+        init_weights(self)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.class_embed.weight, std=0.02)
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def drop_labels(self, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        if self.class_dropout <= 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.class_dropout
+        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+
+    def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        """tokens [B, K] with mask ids where unknown -> logits [B, K, V] for every position."""
+        x = torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens)], dim=1) + self.positions
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 1:]))
+
+    def random_mask(self, tokens: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """A mask [B, K] (True: hidden) with ceil(K * schedule(u)) positions per row, u ~ U(0, 1)."""
+        batch, length = tokens.shape
+        u = torch.rand(batch, device=tokens.device, generator=generator)
+        count = torch.ceil(mask_ratio(u, self.schedule).to(tokens.device) * length).clamp(1, length)
+        scores = torch.rand(batch, length, device=tokens.device, generator=generator)
+        rank = scores.argsort(dim=1).argsort(dim=1)
+        return rank < count[:, None]
+
+    def loss(
+        self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
+    ) -> tuple[Tensor, Tensor]:
+        """Cross-entropy on the masked tokens (nats), overall and at each position [K]."""
+        mask = self.random_mask(tokens, generator)
+        logits = self(tokens.masked_fill(mask, self.mask_id), labels)
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view(tokens.shape)
+        masked = mask.float()
+        per_position = (per_token * masked).sum(0) / masked.sum(0).clamp_min(1)
+        return (per_token * masked).sum() / masked.sum(), per_position
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor,
+        steps: int = 8,
+        cfg_scale: float = 1.0,
+        cfg_schedule: str = "constant",
+        temperature: float = 1.0,
+        choice_temperature: float = 4.5,
+        seed: int = 0,
+        return_steps: bool = False,
+    ):
+        """Token ids [B, K] in `steps` parallel decoding steps (and the partly masked ids after each step).
+
+        Which predictions are kept is decided by their probability plus Gumbel noise whose temperature
+        anneals linearly from `choice_temperature` to 0 over the steps.
+        """
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {labels.tolist()}")
+        generator = torch.Generator(device=labels.device).manual_seed(seed)
+        guided = cfg_scale != 1.0 or cfg_schedule != "constant"
+        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+        ids = torch.full((len(labels), self.num_tokens), self.mask_id, device=labels.device)
+        history = []
+        for t, keep_masked in enumerate(masked_after_step(self.num_tokens, steps, self.schedule)):
+            logits = self(torch.cat([ids, ids]) if guided else ids, rows)
+            if guided:
+                logits = guide(logits, guidance_scale(cfg_scale, cfg_schedule, (t + 1) / steps))
+            unknown = ids == self.mask_id
+            drawn = draw(logits.flatten(0, 1), temperature, generator=generator).view(ids.shape)
+            drawn = torch.where(unknown, drawn, ids)
+            probs = F.softmax(logits.float(), dim=-1).gather(-1, drawn[..., None]).squeeze(-1)
+            uniform = torch.rand(ids.shape, device=ids.device, generator=generator).clamp(1e-20, 1 - 1e-7)
+            noise = -torch.log(-torch.log(uniform))
+            confidence = probs.clamp_min(1e-30).log() + choice_temperature * (1 - (t + 1) / steps) * noise
+            confidence = confidence.masked_fill(~unknown, float("inf"))  # decided tokens stay decided
+            rank = confidence.argsort(dim=1).argsort(dim=1)
+            ids = torch.where(rank < keep_masked, torch.full_like(ids, self.mask_id), drawn)
+            history.append(ids.clone())
+        return (ids, history) if return_steps else ids
