@@ -18,8 +18,29 @@ EXP2 ?= experiments/fmnist_tiny_ar.yaml
 GEN ?= runs/$(basename $(notdir $(EXP2)))/checkpoints/last.ckpt
 SAMPLES ?= runs/samples/$(basename $(notdir $(EXP2)))
 SAMPLE_ARGS ?=
+CKPT ?= $(TOKENIZER)
+NUM ?= 1000
+PRESET ?= default
+# ImageNet: make shards-imagenet IMAGENET=/path/to/ILSVRC OUT=data/imagenet256 [SIZE=256 FORMAT=jpg VAL_LABELS=...]
+IMAGENET ?=
+OUT ?= data/imagenet$(SIZE)
+SIZE ?= 256
+FORMAT ?= jpg
+WORKERS ?= 16
+VAL_LABELS ?= $(wildcard $(IMAGENET)/../LOC_val_solution.csv)
+# SLURM: make slurm-stage1 EXP=experiments/imagenet256_nativetok_l32.yaml NODES=4 GPUS=8 TIME=48:00:00
+NODES ?= 1
+GPUS ?= 8
+CPUS ?= 8
+TIME ?= 24:00:00
+PARTITION ?=
+ACCOUNT ?=
+DRY_RUN ?=
+SLURM_ARGS = --nodes $(NODES) --gpus $(GPUS) --cpus-per-task $(CPUS) --time $(TIME) \
+	$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup data train-stage1 tokenize train-stage2 sample test test-all lint clean
+.PHONY: help setup data shards-imagenet train-stage1 tokenize train-stage2 sample eval-fid compare slurm-stage1 slurm-stage2 \
+	test test-all lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -44,6 +65,11 @@ $(FMNIST): | $(STAMP)
 	fi
 	$(NATIVETOK) shard fmnist --out data/fmnist
 
+shards-imagenet: | $(STAMP)  ## ImageNet shards: IMAGENET=/path/to/ILSVRC OUT=... SIZE=256 FORMAT=jpg|png|original
+	@test -n "$(IMAGENET)" || { echo "set IMAGENET=/path/to/ILSVRC (with Data/CLS-LOC/train and val)"; exit 2; }
+	$(NATIVETOK) shard folder --root $(IMAGENET) --out $(OUT) --name imagenet --size $(SIZE) --format $(FORMAT) \
+		--workers $(WORKERS) $(if $(VAL_LABELS),--val-labels $(VAL_LABELS))
+
 train-stage1: $(FMNIST)  ## train the stage-1 tokenizer: EXP=experiments/... ARGS="key=value ..."
 	$(NATIVETOK) train $(EXP) $(ARGS)
 
@@ -63,6 +89,19 @@ $(GEN): | $(TOKENS)/index.json
 
 sample: | $(GEN)  ## sample every class with GEN (trained first if missing) into SAMPLES; SAMPLE_ARGS="--cfg 3 ..."
 	$(NATIVETOK) sample --generator $(GEN) --out $(SAMPLES) $(SAMPLE_ARGS)
+
+eval-fid: | $(STAMP)  ## rFID/KID of CKPT (a tokenizer) and, with GEN=..., gFID/KID of its samples; NUM images
+	$(NATIVETOK) eval-fid --tokenizer $(CKPT) $(if $(filter command line,$(origin GEN)),--generator $(GEN)) \
+		--num $(NUM) --out runs/eval/fid.json
+
+compare: $(FMNIST)  ## NativeTok vs parallel vs causal-mask tokens with the same AR generator (PRESET=default|full)
+	$(NATIVETOK) compare --preset $(PRESET)
+
+slurm-stage1: | $(STAMP)  ## submit stage 1 to SLURM: EXP, NODES, GPUS, CPUS, TIME, PARTITION, ACCOUNT, DRY_RUN=1
+	$(NATIVETOK) submit $(EXP) $(ARGS) $(SLURM_ARGS)
+
+slurm-stage2: | $(STAMP)  ## submit stage 2 to SLURM: EXP2 and the same variables
+	$(NATIVETOK) submit $(EXP2) $(ARGS) $(SLURM_ARGS)
 
 test: $(FMNIST)  ## the test suite without the slow tests
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)

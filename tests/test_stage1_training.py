@@ -103,8 +103,9 @@ def test_resume_mid_schedule_continues_exactly(tiny_config, tmp_path):
     overrides = (GROWTH, "trainer.max_steps=11", "trainer.val_every_n_steps=6", "tokenizer.decoder.random_prefix=0.5")
     whole = Recorder()
     fit(tiny_config(*overrides, f"run.dir={tmp_path / 'whole'}"), [whole])
-    checkpoint = tmp_path / "whole" / "checkpoints" / "last.ckpt"  # written at the only validation, step 6
+    checkpoint = next((tmp_path / "whole" / "checkpoints").glob("best-*.ckpt"))  # the only validation: step 6
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
+    assert torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 11
     resumed = Recorder()
     fit(tiny_config(*overrides, f"run.dir={tmp_path / 'resumed'}"), [resumed], ckpt_path=str(checkpoint))
     assert min(resumed.losses) == 7

@@ -35,6 +35,11 @@ def module_state(checkpoint: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
+def tokenizer_config(path: str | os.PathLike) -> ExperimentConfig:
+    """The experiment a tokenizer checkpoint was trained with (its data, sizes)."""
+    return from_container(read_checkpoint(path, "tokenizer")["hyper_parameters"]["config"])
+
+
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True) -> NativeTokenizer:
     """A trained tokenizer in eval mode (its moving-average weights when it has them and `ema` is set)."""
     checkpoint = read_checkpoint(path, "tokenizer")

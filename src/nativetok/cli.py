@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def _shard(args: argparse.Namespace) -> None:
             channels=args.channels,
             workers=args.workers,
             classes_file=args.classes,
+            val_labels=args.val_labels,
+            devkit_meta=args.devkit_meta,
         )
 
 
@@ -69,6 +72,38 @@ def _sample(args: argparse.Namespace) -> None:
     )
 
 
+def _eval_fid(args: argparse.Namespace) -> None:
+    from nativetok.eval.fid import evaluate_fid
+
+    evaluate_fid(
+        tokenizer_path=args.tokenizer, generator_path=args.generator, samples=args.samples, num=args.num,
+        data=args.data, real_split=args.split, reference_split=args.reference_split, inception=args.inception,
+        device=args.device, seed=args.seed, out=Path(args.out),
+    )
+
+
+def _token_metrics(args: argparse.Namespace) -> None:
+    from nativetok.eval.token_metrics import token_metrics
+
+    report = token_metrics(args.generator, Path(args.out), split=args.split, data=args.data)
+    print(json.dumps(report["total"], indent=1))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from nativetok.eval.compare import compare
+
+    compare(args.preset, Path(args.out), seed=args.seed)
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from nativetok.cluster.slurm import Resources, submit
+
+    resources = Resources(args.nodes, args.gpus, args.cpus_per_task, args.time, args.partition, args.account)
+    job = submit(args.experiment, args.overrides, resources, venv=Path(args.venv), dry_run=args.dry_run)
+    if job:
+        print(job)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nativetok", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -93,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--channels", type=int, choices=[1, 3], default=3)
     folder.add_argument("--workers", type=int, default=4)
     folder.add_argument("--classes", type=Path, default=None, help="class names, one per line, in index order")
+    folder.add_argument("--val-labels", type=Path, default=None,
+                        help="labels of a flat split: LOC_val_solution.csv, '<file> <class>' lines, or the devkit's "
+                             "ILSVRC2012_validation_ground_truth.txt (with --devkit-meta)")
+    folder.add_argument("--devkit-meta", type=Path, default=None, help="ILSVRC2012_devkit_t12/data/meta.mat")
     shard.set_defaults(func=_shard)
 
     train = commands.add_parser("train", help="train the stage an experiment file describes")
@@ -127,6 +166,46 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-p", type=float, default=None)
     sample.add_argument("--steps", type=int, default=None, help="MaskGIT decoding steps")
     sample.set_defaults(func=_sample)
+
+    fid = commands.add_parser("eval-fid", help="rFID of a tokenizer, gFID of a generator or of a sample folder")
+    fid.add_argument("--tokenizer", default=None, help="stage-1 checkpoint: reconstruction FID")
+    fid.add_argument("--generator", default=None, help="stage-2 checkpoint: generation FID of its samples")
+    fid.add_argument("--samples", type=Path, default=None, help="a folder of sample images instead of --generator")
+    fid.add_argument("--num", type=int, default=1000, help="images on each side")
+    fid.add_argument("--data", default=None, help="real images' index.json (default: the tokenizer's data)")
+    fid.add_argument("--split", default="val", help="real split for rFID")
+    fid.add_argument("--reference-split", default="train", help="real split gFID compares against")
+    fid.add_argument("--inception", default=None, help="torch-fidelity InceptionV3 weights (default: converted)")
+    fid.add_argument("--device", default=None)
+    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--out", default="runs/eval/fid.json")
+    fid.set_defaults(func=_eval_fid)
+
+    tokens = commands.add_parser("token-metrics", help="per-position entropies of a tokenizer's tokens (AR model)")
+    tokens.add_argument("--generator", required=True, help="an AR stage-2 checkpoint")
+    tokens.add_argument("--data", default=None, help="token shards' index.json (default: the generator's)")
+    tokens.add_argument("--split", default="val")
+    tokens.add_argument("--out", default="runs/eval/token_metrics")
+    tokens.set_defaults(func=_token_metrics)
+
+    compare = commands.add_parser("compare", help="NativeTok vs parallel vs causal-mask tokens, same generator")
+    compare.add_argument("--preset", default="default", help="experiments/compare/<name>.yaml, or a path")
+    compare.add_argument("--out", default="runs/compare")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.set_defaults(func=_compare)
+
+    submit = commands.add_parser("submit", help="render the sbatch script of a training run and submit it")
+    submit.add_argument("experiment")
+    submit.add_argument("overrides", nargs="*", help="key=value")
+    submit.add_argument("--nodes", type=int, default=1)
+    submit.add_argument("--gpus", type=int, default=8, help="GPUs per node (one task each)")
+    submit.add_argument("--cpus-per-task", type=int, default=8)
+    submit.add_argument("--time", default="24:00:00")
+    submit.add_argument("--partition", default=None)
+    submit.add_argument("--account", default=None)
+    submit.add_argument("--venv", default=".venv", help="virtual environment the job activates")
+    submit.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    submit.set_defaults(func=_submit)
 
     config = commands.add_parser("config", help="print the resolved, checked config of an experiment")
     config.add_argument("experiment")

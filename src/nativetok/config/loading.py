@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, List, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
-from nativetok.config.schema import ExperimentConfig
+from nativetok.config.schema import ComparePreset, ExperimentConfig
 
 COMMAND_LINE = "command line"
 KEY_PATTERN = re.compile(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b")
@@ -92,11 +92,9 @@ class LoadedConfig:
         return SCHEMA_DEFAULT
 
 
-def compose(path: str | os.PathLike, overrides: Sequence[str] = ()) -> LoadedConfig:
-    """Merge the experiment file (with its parents) and the overrides into the typed schema."""
-    layers = _read_yaml(Path(path))
-    layers.append((COMMAND_LINE, parse_overrides(overrides)))
-    merged = OmegaConf.structured(ExperimentConfig)
+def merge_layers(schema: type, layers: List[Tuple[str, DictConfig]]) -> Any:
+    """Merge (source, layer) pairs in order into a dataclass schema, resolved and typed."""
+    merged = OmegaConf.structured(schema)
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
@@ -111,9 +109,14 @@ def compose(path: str | os.PathLike, overrides: Sequence[str] = ()) -> LoadedCon
         OmegaConf.resolve(merged)
     except InterpolationResolutionError as error:
         raise ConfigError(f"{error.full_key}: {_describe(error)}") from None
-    config = OmegaConf.to_object(merged)
-    assert isinstance(config, ExperimentConfig)
-    return LoadedConfig(config, layers)
+    return OmegaConf.to_object(merged)
+
+
+def compose(path: str | os.PathLike, overrides: Sequence[str] = ()) -> LoadedConfig:
+    """Merge the experiment file (with its parents) and the overrides into the typed schema."""
+    layers = _read_yaml(Path(path))
+    layers.append((COMMAND_LINE, parse_overrides(overrides)))
+    return LoadedConfig(merge_layers(ExperimentConfig, layers), layers)
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -124,6 +127,18 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
         lines = [f"  {key}: {problem} ({loaded.sources(key, problem)})" for key, problem in problems]
         raise ConfigError("invalid config:\n" + "\n".join(lines))
     return loaded.config
+
+
+def load_preset(path: str | os.PathLike) -> ComparePreset:
+    """A comparison preset (experiments/compare/*.yaml), checked like an experiment."""
+    preset = merge_layers(ComparePreset, _read_yaml(Path(path)))
+    choices = ", ".join(TOKENIZER_KINDS)
+    problems = [f"kinds: '{k}' is not one of {choices}" for k in preset.kinds if k not in TOKENIZER_KINDS]
+    if preset.images < 2:
+        problems.append(f"images: needs at least 2 images for FID and KID, got {preset.images}")
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return preset
 
 
 def to_yaml(config: ExperimentConfig) -> str:

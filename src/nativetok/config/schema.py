@@ -217,3 +217,23 @@ class ExperimentConfig:
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class ComparePreset:
+    """`nativetok compare`: which experiments to run for each tokenizer kind, and how long."""
+
+    # Paths relative to the preset file.
+    tokenizer_experiment: str = "../fmnist_tiny.yaml"
+    generator_experiment: str = "../fmnist_tiny_ar.yaml"
+    kinds: List[str] = field(default_factory=lambda: ["nativetok", "parallel", "causal_mask"])
+    # Give each baseline the MIT depth that brings its parameter count closest to NativeTok's.
+    match_parameters: bool = True
+    # Images for FID and KID.
+    images: int = 500
+    # key=value overrides: for every tokenizer, for one kind, and for every generator.
+    tokenizer: List[str] = field(default_factory=list)
+    nativetok: List[str] = field(default_factory=list)
+    parallel: List[str] = field(default_factory=list)
+    causal_mask: List[str] = field(default_factory=list)
+    generator: List[str] = field(default_factory=list)

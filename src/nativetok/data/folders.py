@@ -1,5 +1,9 @@
 """Shard an image folder tree (`<root>/<split>/<class>/<image>`, the ImageNet layout) into webdataset tars.
 
+A split is either class folders, or (ImageNet's validation set) a flat folder of images with a label
+file: Kaggle's `LOC_val_solution.csv`, a two-column `<file> <class>` text file, or the devkit's
+`ILSVRC2012_validation_ground_truth.txt` with the devkit's `meta.mat`.
+
 Shard k always holds the same slice of the sorted file list, so shards can be written by parallel
 worker processes and a re-run skips shards that are already complete (only a finished shard has its
 final name). A final pass counts the samples of every shard against the plan.
@@ -10,7 +14,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -47,13 +51,53 @@ def read_classes(root: Path, splits: Sequence[str], classes_file: Optional[Path]
     return names
 
 
-def list_split(root: Path, split: str, classes: Sequence[str]) -> List[Item]:
+def read_flat_labels(labels_file: Path, classes: Sequence[str], devkit_meta: Optional[Path] = None) -> Dict[str, int]:
+    """File stem -> class index, from one of the label files of a flat validation folder."""
+    lookup = {name: i for i, name in enumerate(classes)}
+    text = Path(labels_file).read_text().splitlines()
+    lines = [line.strip() for line in text if line.strip()]
+    labels: Dict[str, str] = {}
+    if lines and lines[0].lower().startswith("imageid,"):  # Kaggle LOC_val_solution.csv
+        for line in lines[1:]:
+            stem, prediction = line.split(",", 1)
+            labels[stem] = prediction.split()[0]
+    elif lines and all(len(line.split()) == 1 for line in lines):  # devkit ground truth: IDs in file order
+        if devkit_meta is None:
+            raise ValueError(f"{labels_file} holds devkit class IDs: pass the devkit's data/meta.mat too")
+        from scipy.io import loadmat
+
+        synsets = loadmat(str(devkit_meta), squeeze_me=True)["synsets"]
+        by_id = {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets}
+        labels = {f"ILSVRC2012_val_{n:08d}": by_id[int(line)] for n, line in enumerate(lines, start=1)}
+    else:  # "<file> <class name or index>"
+        for line in lines:
+            name, label = line.split()[:2]
+            labels[Path(name).stem] = classes[int(label)] if label.isdigit() and label not in lookup else label
+    unknown = sorted({v for v in labels.values() if v not in lookup})
+    if unknown:
+        raise ValueError(f"{labels_file}: classes not in the class list, e.g. {unknown[:3]}")
+    return {stem: lookup[name] for stem, name in labels.items()}
+
+
+def list_split(
+    root: Path, split: str, classes: Sequence[str], labels: Optional[Dict[str, int]] = None
+) -> List[Item]:
+    """(image path, class index) of a split: from class folders, or a flat folder and its labels."""
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"split folder not found: {folder}")
     lookup = {name: i for i, name in enumerate(classes)}
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not class_dirs:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if labels is None:
+            raise ValueError(f"{folder} holds images but no class folders: give its label file (--val-labels)")
+        missing = [p.name for p in files if p.stem not in labels]
+        if missing:
+            raise ValueError(f"{len(missing)} images of {folder} have no label, e.g. {missing[0]}")
+        return [(str(p), labels[p.stem]) for p in files]
     items: List[Item] = []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for class_dir in class_dirs:
         if class_dir.name not in lookup:
             raise ValueError(f"{class_dir}: folder '{class_dir.name}' is not in the class list")
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -91,17 +135,27 @@ def shard_folder(
     channels: int = 3,
     workers: int = 4,
     classes_file: Optional[Path] = None,
+    val_labels: Optional[Path] = None,
+    devkit_meta: Optional[Path] = None,
 ) -> DatasetIndex:
-    """Write `<out>/<name>-<split>-NNNNNN.tar` for each split and `<out>/index.json`."""
+    """Write `<out>/<name>-<split>-NNNNNN.tar` for each split and `<out>/index.json`.
+
+    `root` is the folder holding the splits, or an ILSVRC folder (its Data/CLS-LOC is used). A split
+    that is a flat folder takes its labels from `val_labels` (and the devkit's `devkit_meta`).
+    """
     if fmt not in ("png", "jpg", "original"):
         raise ValueError(f"format must be png, jpg or original, got '{fmt}'")
+    root = Path(root)
+    if (root / "Data" / "CLS-LOC").is_dir():
+        root = root / "Data" / "CLS-LOC"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = read_classes(root, splits, classes_file)
+    labels = read_flat_labels(val_labels, classes, devkit_meta) if val_labels else None
     mode = "L" if channels == 1 else "RGB"
     index_splits = {}
     for split in splits:
-        items = list_split(root, split, classes)
+        items = list_split(root, split, classes, labels)
         ranges = plan_shards(len(items), per_shard)
         jobs = []
         for number, rows in enumerate(ranges):
@@ -121,7 +175,9 @@ def shard_folder(
                 raise RuntimeError(f"{out / file}: holds {found} samples, the plan says {len(rows)}")
             entries.append(ShardEntry(file, found))
         index_splits[split] = SplitIndex(entries)
-        log.info("%s/%s: checked %d samples in %d shards", name, split, index_splits[split].samples, len(entries))
+        if index_splits[split].samples != len(items):
+            raise RuntimeError(f"{name}/{split}: shards hold {index_splits[split].samples} samples, found {len(items)}")
+        log.info("%s/%s: checked %d samples in %d shards", name, split, len(items), len(entries))
     stored_size = 0 if fmt == "original" else size
     index = DatasetIndex(name, stored_size, channels, classes, index_splits, fmt=fmt, root=out)
     index.save(out)

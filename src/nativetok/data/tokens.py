@@ -128,7 +128,7 @@ def tokenize_shards(
 
     rank, world = process_rank()
     if device is None:
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(tokenizer_path, device=device)
     images = DatasetIndex.load(image_index)

@@ -17,12 +17,14 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,9 @@ def convert_torchscript_inception(source: Path, target: Path) -> Path:
     """Write torch-fidelity weights converted from fid-helper's TorchScript InceptionV3; returns target."""
     from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
 
-    scripted = torch.jit.load(str(source), map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but the weights ship as TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(source), map_location="cpu").state_dict()
     groups: Dict[str, Dict[str, Tensor]] = {}
     for key, value in scripted.items():
         prefix, field = key.rsplit(".", 1)
@@ -148,7 +152,8 @@ class InceptionFeatures:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"Inception takes uint8 images [N, 1 or 3, H, W], got {images.dtype} {list(images.shape)}")
         outputs: Dict[str, List[Tensor]] = {"pool": [], "logits": []}
-        for start in range(0, len(images), self.batch_size):
+        starts = range(0, len(images), self.batch_size)
+        for start in tqdm(starts, desc="inception", unit="batch", disable=len(starts) < 3, leave=False):
             batch = images[start : start + self.batch_size].to(self.device)
             if batch.shape[1] == 1:
                 batch = batch.expand(-1, 3, -1, -1)

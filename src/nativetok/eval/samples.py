@@ -20,6 +20,28 @@ from nativetok.models import generate
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def generate_images(generator, tokenizer, labels: torch.Tensor, sampling, seed: int, batch_size: int) -> torch.Tensor:
+    """uint8 images [N, C, H, W] for `labels`; batch b is drawn with seed `seed + b` (reproducible)."""
+    device = next(generator.parameters()).device
+    chunks = []
+    for number, start in enumerate(tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch")):
+        batch = labels[start : start + batch_size].to(device)
+        images = tokenizer.decode(generate(generator, batch, sampling, seed + number))
+        chunks.append(to_uint8(images).cpu())
+    return torch.cat(chunks)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] to uint8, as they would be saved to PNG."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def balanced_labels(num_classes: int, count: int) -> torch.Tensor:
+    """`count` class labels cycling through all classes (as even as possible)."""
+    return torch.arange(count) % num_classes
+
+
 def sample_to_folder(
     generator_path: str,
     out: Path,
@@ -51,12 +73,7 @@ def sample_to_folder(
     labels = torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    chunks = []
-    for number, start in enumerate(tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch")):
-        batch = labels[start : start + batch_size].to(device)
-        images = tokenizer.decode(generate(generator, batch, sampling, seed + number))
-        chunks.append((images * 255).round().to(torch.uint8).cpu())
-    images = torch.cat(chunks)
+    images = generate_images(generator, tokenizer, labels, sampling, seed, batch_size)
     array = images.permute(0, 2, 3, 1).numpy()  # [N, H, W, C] uint8
     if png:
         for i, (image, label) in enumerate(zip(array, labels.tolist())):

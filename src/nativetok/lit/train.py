@@ -11,15 +11,17 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 
 from nativetok.config.loading import ConfigError, to_container, to_yaml
 from nativetok.config.schema import ExperimentConfig
+from nativetok.lit.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,14 @@ def make_strategy(config: ExperimentConfig):
     return config.trainer.strategy
 
 
+def cluster_plugins() -> list:
+    """Under SLURM, Lightning's SLURM environment (ranks from srun) without its own requeue handler:
+    `Preemption` checkpoints at a step boundary and requeues."""
+    if SLURMEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
+
+
 def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_dir: Path) -> pl.Trainer:
     t = config.trainer
     # Stage 1 optimizes manually (autoencoder and discriminator) and clips inside its step.
@@ -71,7 +81,8 @@ def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_di
         deterministic=t.deterministic,
         gradient_clip_val=clip,
         logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
-        callbacks=callbacks,
+        callbacks=[*callbacks, Preemption(run_dir / "checkpoints" / "last.ckpt", run_dir / "requeue.log")],
+        plugins=cluster_plugins(),
         default_root_dir=str(run_dir),
     )
 
@@ -102,7 +113,7 @@ def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks
     return trainer, resume
 
 
-def train_tokenizer(config: ExperimentConfig) -> Path:
+def train_tokenizer(config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> Path:
     """Stage 1 on the configured image shards; returns the run folder."""
     from nativetok.data import ImageShardsDataModule
     from nativetok.lit.callbacks import ExpertGrowth, ReconstructionGrid
@@ -112,7 +123,7 @@ def train_tokenizer(config: ExperimentConfig) -> Path:
     run_dir = Path(config.run.dir)
     module = TokenizerModule(to_container(config))
     callbacks: List[pl.Callback] = [
-        ReconstructionGrid(config.trainer.images_every_n_steps, run_dir / "reconstructions.png")
+        ReconstructionGrid(config.trainer.images_every_n_steps, run_dir / "reconstructions.png"), *extra_callbacks
     ]
     if config.growth.stages:
         callbacks.append(ExpertGrowth(config.growth.stages))
@@ -131,7 +142,7 @@ def train_tokenizer(config: ExperimentConfig) -> Path:
     return run_dir
 
 
-def train_generator(config: ExperimentConfig) -> Path:
+def train_generator(config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> Path:
     """Stage 2 on the configured token shards; returns the run folder."""
     from nativetok.data import TokenShardsDataModule
     from nativetok.lit.callbacks import SampleGrid
@@ -145,7 +156,7 @@ def train_generator(config: ExperimentConfig) -> Path:
     module = GeneratorModule(to_container(config))
     _ = module.tokenizer  # refuses a tokenizer that does not match, before any training
     grid = SampleGrid(config.trainer.images_every_n_steps, run_dir / "samples.png", config.sampling.grid_per_class)
-    trainer, resume = _prepare_run(config, module, [grid])
+    trainer, resume = _prepare_run(config, module, [grid, *extra_callbacks])
     if trainer.is_global_zero:
         count = sum(p.numel() for p in module.generator.parameters())
         log.info("generator '%s': %s parameters", g.kind, f"{count:,}")

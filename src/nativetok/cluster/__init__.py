@@ -1,0 +1,1 @@
+"""Cluster job submission: sbatch scripts rendered from a template in the repository."""
