@@ -39,7 +39,7 @@ DRY_RUN ?=
 SLURM_ARGS = --nodes $(NODES) --gpus $(GPUS) --cpus-per-task $(CPUS) --time $(TIME) \
 	$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup data shards-imagenet train-stage1 tokenize train-stage2 sample eval-fid compare slurm-stage1 slurm-stage2 \
+.PHONY: help setup data shards-imagenet train-stage1 tokenize train-stage2 sample eval-fid compare bench slurm-stage1 slurm-stage2 \
 	test test-all lint clean
 
 help:  ## list the targets
@@ -96,6 +96,9 @@ eval-fid: | $(STAMP)  ## rFID/KID of CKPT (a tokenizer) and, with GEN=..., gFID/
 
 compare: $(FMNIST)  ## NativeTok vs parallel vs causal-mask tokens with the same AR generator (PRESET=default|full)
 	$(NATIVETOK) compare --preset $(PRESET)
+
+bench: | $(FMNIST)  ## speed and memory as ratios (NativeTok vs parallel, growth, MFU, KV cache, data); runs/bench/
+	$(BIN)/python -m nativetok.bench --out runs/bench/bench.json
 
 slurm-stage1: | $(STAMP)  ## submit stage 1 to SLURM: EXP, NODES, GPUS, CPUS, TIME, PARTITION, ACCOUNT, DRY_RUN=1
 	$(NATIVETOK) submit $(EXP) $(ARGS) $(SLURM_ARGS)

@@ -160,6 +160,9 @@ def test_growing_copies_the_last_expert_or_initialises_fresh_ones(tiny_config):
         torch.testing.assert_close(experts[i].token_positions[:, :1], experts[1].token_positions)
     tokenizer.grow(6, "fresh", torch.Generator().manual_seed(1))
     assert not torch.allclose(experts[4].head.weight, experts[3].head.weight)
+    reloaded = make_tokenizer(tiny_config)
+    reloaded.load_state_dict(tokenizer.state_dict())
+    assert reloaded.num_active == 6  # the expert count travels with the weights
     frozen = tokenizer.set_trainable(range(4, 6), ["decoder"])
     assert {"mit", "codebook", "expert.0", "expert.3", "expert.6"} <= set(frozen) and "decoder" not in frozen
     assert all(p.requires_grad for p in experts[5].parameters())

@@ -224,10 +224,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from nativetok.checkpoints import CheckpointError
     from nativetok.config import ConfigError
     from nativetok.data.stream import DataError
+    from nativetok.lit.guards import NonFiniteLossError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError) as error:
         if args.verbose:
             raise
         print(f"nativetok {args.command}: error: {error}", file=sys.stderr)

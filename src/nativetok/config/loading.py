@@ -224,7 +224,8 @@ def check_data(c: ExperimentConfig) -> Check:
 def check_trainer(c: ExperimentConfig) -> Check:
     t = c.trainer
     yield from _positive("trainer", t, "max_steps", "val_every_n_steps", "log_every_n_steps", "num_nodes")
-    yield from _non_negative("trainer", t, "images_every_n_steps")
+    yield from _positive("trainer", t, "max_nonfinite_steps")
+    yield from _non_negative("trainer", t, "images_every_n_steps", "checkpoint_every_n_steps")
     yield from _choice("trainer.precision", str(t.precision), PRECISIONS)
     devices = t.devices
     if not (devices == "auto" or world_size(t) is not None) or (world_size(t) or 1) <= 0:

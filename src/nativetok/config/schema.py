@@ -59,6 +59,10 @@ class TrainerConfig:
     # Reconstruction / sample grids to TensorBoard every N steps (0: only at the end).
     images_every_n_steps: int = 500
     progress_bar: bool = True
+    # last.ckpt every N steps (and at the end, and on SIGUSR1/SIGTERM); the one before is previous.ckpt.
+    checkpoint_every_n_steps: int = 500
+    # A non-finite loss skips its step; this many in a row stop the run.
+    max_nonfinite_steps: int = 10
     compile: bool = False
     deterministic: bool = False
 

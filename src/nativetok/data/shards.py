@@ -62,6 +62,9 @@ def write_shard(path: Path, samples: Iterable[Dict[str, bytes]]) -> int:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, f"could not write shard {path}: {error.strerror or error}") from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

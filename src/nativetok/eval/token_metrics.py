@@ -19,14 +19,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from nativetok.models.quantizer import statistics_from_counts
+from nativetok.models.quantizer import code_counts, statistics_from_counts
 
 
 def marginal_entropy_bits(tokens: Tensor, codebook_size: int) -> Tensor:
     """Plug-in entropy of each position's code distribution [K], in bits."""
     entropies = []
     for column in tokens.t():
-        counts = torch.bincount(column, minlength=codebook_size).double()
+        counts = code_counts(column, codebook_size).double()
         p = counts[counts > 0] / counts.sum()
         entropies.append(float(-(p * p.log2()).sum()))
     return torch.tensor(entropies, dtype=torch.float64)
@@ -49,7 +49,7 @@ def dependency_report(generator, tokens: Tensor, labels: Tensor, codebook_size: 
     marginal = marginal_entropy_bits(tokens, codebook_size)
     unconditional = conditional_bits(generator, tokens, torch.full_like(labels, generator.null_class))
     given_class = conditional_bits(generator, tokens, labels)
-    usage = statistics_from_counts(torch.bincount(tokens.flatten(), minlength=codebook_size))
+    usage = statistics_from_counts(code_counts(tokens, codebook_size))
     return {
         "sequences": len(tokens),
         "marginal_bits": marginal.tolist(),

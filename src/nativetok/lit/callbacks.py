@@ -57,18 +57,58 @@ class ExpertGrowth(pl.Callback):
             pl_module.enter_growth_stage(self.stage, self.stages[self.stage], self.new_experts(self.stage), grow=True)
 
 
-class ReconstructionGrid(pl.Callback):
-    """Originals beside reconstructions from all tokens and from short prefixes, every N steps.
+class ImageGrid(pl.Callback):
+    """A grid of images logged to TensorBoard every N steps and written as a PNG at the end (rank 0)."""
 
-    Rows: originals, reconstructions from all active tokens, then from prefixes of 1, 1/4 and 1/2 of
-    them. Logged to TensorBoard; at the end of training also written as a PNG in the run folder.
-    """
+    tag = "images"
 
-    def __init__(self, every_n_steps: int, path: Optional[Path] = None, count: int = 8):
+    def __init__(self, every_n_steps: int, path: Optional[Path] = None):
         self.every_n_steps = every_n_steps
         self.path = path
+
+    def grid(self, pl_module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        return True
+
+    def _log(self, trainer: pl.Trainer, pl_module) -> torch.Tensor:
+        grid = self.grid(pl_module)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(self.tag, grid, trainer.global_step)
+        return grid
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and self.ready():
+            self._log(trainer, pl_module)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not self.ready():
+            return
+        grid = self._log(trainer, pl_module)
+        if self.path is not None:
+            save_image(grid, self.path)
+            log.info("%s grid -> %s", self.tag, self.path)
+
+
+class ReconstructionGrid(ImageGrid):
+    """Originals beside reconstructions from all tokens and from short prefixes.
+
+    Rows: originals, reconstructions from all active tokens, then from prefixes of 1, 1/4 and 1/2 of them.
+    """
+
+    tag = "reconstructions"
+
+    def __init__(self, every_n_steps: int, path: Optional[Path] = None, count: int = 8):
+        super().__init__(every_n_steps, path)
         self.count = count
         self.images: Optional[torch.Tensor] = None
+
+    def ready(self) -> bool:
+        return self.images is not None
 
     @rank_zero_only
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
@@ -88,32 +128,14 @@ class ReconstructionGrid(pl.Callback):
         tokenizer.train(was_training)
         return make_grid(torch.cat(rows).float().cpu(), nrow=len(images), padding=1, pad_value=1.0)
 
-    def _log(self, trainer: pl.Trainer, pl_module) -> None:
-        experiment = getattr(trainer.logger, "experiment", None)
-        if self.images is not None and hasattr(experiment, "add_image"):
-            experiment.add_image("reconstructions", self.grid(pl_module), trainer.global_step)
 
-    @rank_zero_only
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._log(trainer, pl_module)
+class SampleGrid(ImageGrid):
+    """Class-conditional samples (a row per class), decoded by the tokenizer."""
 
-    @rank_zero_only
-    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if self.images is None:
-            return
-        self._log(trainer, pl_module)
-        if self.path is not None:
-            save_image(self.grid(pl_module), self.path)
-            log.info("reconstructions (rows: originals, all tokens, prefixes) -> %s", self.path)
-
-
-class SampleGrid(pl.Callback):
-    """Class-conditional samples (a row per class), decoded by the tokenizer, every N steps and at the end."""
+    tag = "samples"
 
     def __init__(self, every_n_steps: int, path: Optional[Path] = None, per_class: int = 8, max_classes: int = 10):
-        self.every_n_steps = every_n_steps
-        self.path = path
+        super().__init__(every_n_steps, path)
         self.per_class = per_class
         self.max_classes = max_classes
 
@@ -123,21 +145,15 @@ class SampleGrid(pl.Callback):
         images = pl_module.sample_images(labels, seed=0)
         return make_grid(images.float().cpu(), nrow=self.per_class, padding=1, pad_value=1.0)
 
-    def _log(self, trainer: pl.Trainer, pl_module) -> torch.Tensor:
-        grid = self.grid(pl_module)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("samples", grid, trainer.global_step)
-        return grid
 
-    @rank_zero_only
+class DataSkips(pl.Callback):
+    """Logs how many shards and samples the data pipeline skipped as unreadable (see `data.strict`)."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._log(trainer, pl_module)
-
-    @rank_zero_only
-    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        grid = self._log(trainer, pl_module)
-        if self.path is not None:
-            save_image(grid, self.path)
-            log.info("samples (a row per class) -> %s", self.path)
+        skips = getattr(trainer.datamodule, "skips", None)
+        if skips is not None and trainer.global_step % self.every_n_steps == 0:
+            counts = {f"data/{k}": float(v) for k, v in skips.as_dict().items()}
+            pl_module.log_dict(counts, on_step=True, on_epoch=False)

@@ -22,6 +22,9 @@ class EMA(nn.Module):
         torch._foreach_lerp_(shadow, live, 1.0 - self.decay)
         for mine, theirs in zip(self.shadow.buffers(), model.buffers()):
             mine.copy_(theirs)
+        for mine, theirs in zip(self.shadow.modules(), model.modules()):  # non-tensor state (e.g. expert count)
+            if type(theirs).get_extra_state is not nn.Module.get_extra_state:
+                mine.set_extra_state(theirs.get_extra_state())
 
     @torch.no_grad()
     def reset(self, pairs: Iterable[tuple[nn.Module, nn.Module]]) -> None:

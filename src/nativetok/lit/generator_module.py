@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 from nativetok import __version__
 from nativetok.config.loading import from_container
 from nativetok.lit.ema import EMA
+from nativetok.lit.guards import NonFiniteGuard
 from nativetok.lit.metrics import PositionLoss
 from nativetok.lit.schedules import warmup_cosine
 from nativetok.models import build_generator, generate
@@ -37,6 +38,12 @@ class GeneratorModule(pl.LightningModule):
         self.ema = EMA(self.generator, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
         self.val_positions = PositionLoss(c.generator.num_tokens)
         self._tokenizer: List[NativeTokenizer] = []  # loaded on first use, kept out of the state dict
+        self.loss_guard = NonFiniteGuard(c.trainer.max_nonfinite_steps)
+
+    def configure_model(self) -> None:
+        """trainer.compile: compile the generator's training forward (sampling stays eager)."""
+        if self.cfg.trainer.compile:
+            self.generator.compile()
 
     @property
     def eval_generator(self):
@@ -70,7 +77,7 @@ class GeneratorModule(pl.LightningModule):
         lr = o.lr * (self.cfg.data.batch_size / o.base_batch_size if o.base_batch_size else 1.0)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=tuple(o.betas), fused=(self.device.type == "cuda") or None,
+            lr=lr, betas=tuple(o.betas), fused=self.device.type in ("cpu", "cuda"),
         )
         total = self.cfg.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -78,10 +85,13 @@ class GeneratorModule(pl.LightningModule):
         )
         return [optimizer], [{"scheduler": schedule, "interval": "step"}]
 
-    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         generator = self._generator_for_step()
         labels = self.generator.drop_labels(batch["label"], generator)
         loss, _ = self._loss(self.generator, batch["tokens"], labels, generator)
+        if not self.loss_guard.finite(loss, self.global_step, self.trainer.strategy.reduce_boolean_decision):
+            self.log("train/nonfinite_steps", float(self.loss_guard.total), on_step=True, on_epoch=False)
+            return None  # Lightning skips the optimizer step
         self.log_dict(
             {"train/loss": loss.detach(), "train/bits_per_token": loss.detach() / math.log(2)},
             on_step=True, on_epoch=False,

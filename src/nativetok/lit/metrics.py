@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from nativetok.models.quantizer import statistics_from_counts
+from nativetok.models.quantizer import code_counts, statistics_from_counts
 
 
 class CodeUsage(Metric):
@@ -18,7 +18,7 @@ class CodeUsage(Metric):
         self.add_state("counts", default=torch.zeros(codebook_size, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, ids: Tensor) -> None:
-        self.counts += torch.bincount(ids.flatten(), minlength=self.codebook_size)
+        self.counts += code_counts(ids, self.codebook_size)
 
     def compute(self) -> dict[str, Tensor]:
         return statistics_from_counts(self.counts)

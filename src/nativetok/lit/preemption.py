@@ -1,10 +1,12 @@
-"""Checkpoints when training stops: at its end, or on SIGUSR1 / SIGTERM (pre-emption), then requeue.
+"""`LastCheckpoint`: owns `last.ckpt`, so a run killed or pre-empted at any moment resumes with little lost.
 
-The signal handler only records the signal; the checkpoint is written between two training steps, so
-it is always consistent (never mid-step), and every rank agrees on the step at which the run stops.
-Under SLURM (`--signal=SIGUSR1@90`, `--requeue`) rank 0 then requeues the job with `scontrol requeue`;
-the requeued job runs the same command, which resumes from `last.ckpt` (`run.resume=auto`). Where
-`scontrol` does not exist the intended call is recorded in `<run>/requeue.log` instead.
+It is written every `trainer.checkpoint_every_n_steps` steps, at the end of training, and when the job is
+told to stop (SIGUSR1, which SLURM sends before the time limit, or SIGTERM). The signal handler only
+records the signal; the checkpoint is written between two training steps, so it is always consistent,
+and every rank agrees on the step at which the run stops. Under SLURM rank 0 then requeues the job with
+`scontrol requeue`; the requeued job runs the same command, which resumes from `last.ckpt`
+(`run.resume=auto`). Where `scontrol` does not exist the intended call is recorded in `<run>/requeue.log`.
+The checkpoint before the latest is kept as `previous.ckpt`, the fallback when `last.ckpt` is damaged.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import pytorch_lightning as pl
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+LAST = "last.ckpt"
+PREVIOUS = "previous.ckpt"
 
 
 def slurm_job_id() -> Optional[str]:
@@ -47,16 +51,16 @@ def requeue(job_id: str, record: Path) -> None:
         log.error("scontrol requeue %s failed (%d): %s", job_id, result.returncode, result.stderr.strip())
 
 
-class Preemption(pl.Callback):
-    """Write `last.ckpt` when training ends, and stop cleanly (checkpointed) when the job is told to stop."""
-
-    def __init__(self, checkpoint: Path, requeue_record: Path):
-        self.checkpoint = Path(checkpoint)
+class LastCheckpoint(pl.Callback):
+    def __init__(self, folder: Path, every_n_steps: int, requeue_record: Path):
+        self.folder = Path(folder)
+        self.every_n_steps = every_n_steps
         self.requeue_record = Path(requeue_record)
         self.received: Optional[int] = None
-        self._previous: Dict[int, object] = {}
+        self._previous_handlers: Dict[int, object] = {}
         self._saved_at: Optional[int] = None
 
+    # -- signals -----------------------------------------------------------------------------------
     def _record(self, signum, frame) -> None:
         if self.received is None:
             log.warning("received signal %d: checkpointing at the end of this step", signum)
@@ -64,35 +68,42 @@ class Preemption(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
         for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._record)
+            self._previous_handlers[sig] = signal.signal(sig, self._record)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
-        self._restore()
+        self._restore_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
-        self._restore()
+        self._restore_handlers()
 
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
+    def _restore_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
-        self._previous = {}
+        self._previous_handlers = {}
 
-    def _save(self, trainer: pl.Trainer) -> None:
-        if self._saved_at != trainer.global_step:
-            trainer.save_checkpoint(self.checkpoint)
-            self._saved_at = trainer.global_step
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        # Validation (and with it ModelCheckpoint) need not fall on the last step: the end is saved too.
-        self._save(trainer)
+    # -- saving --------------------------------------------------------------------------------------
+    def save(self, trainer: pl.Trainer) -> None:
+        """last.ckpt becomes previous.ckpt, then the new last.ckpt is written (atomically)."""
+        if self._saved_at == trainer.global_step:
+            return
+        last = self.folder / LAST
+        if trainer.is_global_zero and last.is_file():
+            os.replace(last, self.folder / PREVIOUS)
+        trainer.save_checkpoint(last)
+        self._saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # Any rank may be signalled: all agree to stop at this step (a collective only under DDP).
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
-            return
-        self._save(trainer)
-        log.warning("pre-empted at step %d: checkpoint %s written", trainer.global_step, self.checkpoint)
-        job = slurm_job_id()
-        if job and trainer.is_global_zero:
-            requeue(job, self.requeue_record)
-        trainer.should_stop = True
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            self.save(trainer)
+            log.warning("pre-empted at step %d: checkpoint %s written", trainer.global_step, self.folder / LAST)
+            job = slurm_job_id()
+            if job and trainer.is_global_zero:
+                requeue(job, self.requeue_record)
+            trainer.should_stop = True
+        elif self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        # Validation (and with it the best-checkpoint callback) need not fall on the last step.
+        self.save(trainer)

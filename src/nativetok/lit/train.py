@@ -21,7 +21,8 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from nativetok.config.loading import ConfigError, to_container, to_yaml
 from nativetok.config.schema import ExperimentConfig
-from nativetok.lit.preemption import Preemption
+from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
+from nativetok.lit.preemption import LAST, PREVIOUS, LastCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,13 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def checkpoint_to_resume(config: ExperimentConfig) -> Optional[str]:
-    """The checkpoint a run continues from, per `run.resume`; None for a fresh start."""
+    """The checkpoint a run continues from, per `run.resume`; None for a fresh start.
+
+    With `auto`: last.ckpt, or where that is damaged previous.ckpt, then the newest best-*.ckpt; every
+    file refused is named in the log. A folder whose checkpoints are all damaged is an error, not a
+    silent fresh start.
+    """
     folder = Path(config.run.dir) / "checkpoints"
-    last = folder / "last.ckpt"
-    if config.run.resume == "auto":
-        return str(last) if last.is_file() else None
     if config.run.resume == "never":
         if folder.is_dir() and any(folder.glob("*.ckpt")):
             raise ConfigError(
@@ -43,7 +46,21 @@ def checkpoint_to_resume(config: ExperimentConfig) -> Optional[str]:
                 f"or set another run.name"
             )
         return None
-    return config.run.resume
+    if config.run.resume != "auto":
+        problem = checkpoint_problem(Path(config.run.resume))
+        if problem:
+            raise ConfigError(f"run.resume: cannot resume from {config.run.resume}: {problem}")
+        return config.run.resume
+    best = sorted(folder.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = [p for p in [folder / LAST, folder / PREVIOUS, *best] if p.is_file()]
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        log.warning("refusing to resume from %s: %s", path, problem)
+    if candidates:
+        raise ConfigError(f"run.resume: no usable checkpoint in {folder} (all {len(candidates)} refused, see above)")
+    return None
 
 
 def make_strategy(config: ExperimentConfig):
@@ -56,7 +73,7 @@ def make_strategy(config: ExperimentConfig):
 
 def cluster_plugins() -> list:
     """Under SLURM, Lightning's SLURM environment (ranks from srun) without its own requeue handler:
-    `Preemption` checkpoints at a step boundary and requeues."""
+    `LastCheckpoint` checkpoints at a step boundary and requeues."""
     if SLURMEnvironment.detect():
         return [SLURMEnvironment(auto_requeue=False)]
     return []
@@ -81,8 +98,11 @@ def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_di
         deterministic=t.deterministic,
         gradient_clip_val=clip,
         logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
-        callbacks=[*callbacks, Preemption(run_dir / "checkpoints" / "last.ckpt", run_dir / "requeue.log")],
-        plugins=cluster_plugins(),
+        callbacks=[
+            *callbacks,
+            LastCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, run_dir / "requeue.log"),
+        ],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         default_root_dir=str(run_dir),
     )
 
@@ -95,7 +115,7 @@ def checkpoint_callback(run_dir: Path) -> ModelCheckpoint:
         monitor="val/loss",
         mode="min",
         save_top_k=1,
-        save_last=True,
+        save_last=False,  # last.ckpt belongs to LastCheckpoint
     )
 
 
@@ -105,7 +125,10 @@ def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks
     resume = checkpoint_to_resume(config)
     if resume:
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    trainer = build_trainer(config, [checkpoint_callback(run_dir), *callbacks], run_dir)
+    from nativetok.lit.callbacks import DataSkips
+
+    skips = DataSkips(config.trainer.log_every_n_steps)
+    trainer = build_trainer(config, [checkpoint_callback(run_dir), skips, *callbacks], run_dir)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config))

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nativetok.models.layers import Block, KVCache, RMSNorm, Rotary, init_weights
-from nativetok.models.sampling import draw, guidance_scale, guide
+from nativetok.models.sampling import ClassConditional, draw, guidance_scale, guide
 
 
-class ARGenerator(nn.Module):
+class ARGenerator(ClassConditional):
     def __init__(
         self,
         codebook_size: int,
@@ -29,14 +29,9 @@ class ARGenerator(nn.Module):
         mlp_ratio: float = 4.0,
         class_dropout: float = 0.1,
     ):
-        super().__init__()
-        self.codebook_size = codebook_size
-        self.num_tokens = num_tokens
-        self.num_classes = num_classes
-        self.class_dropout = class_dropout
+        super().__init__(codebook_size, num_tokens, num_classes, width, class_dropout)
         self.heads = heads
         self.token_embed = nn.Embedding(codebook_size, width)
-        self.class_embed = nn.Embedding(num_classes + 1, width)  # the last row is the null class
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, norm="rms", mlp="swiglu", bias=False) for _ in range(depth)
         )
@@ -46,17 +41,6 @@ class ARGenerator(nn.Module):
         init_weights(self)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.class_embed.weight, std=0.02)
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def drop_labels(self, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Replace labels by the null class with probability class_dropout (training for guidance)."""
-        if self.class_dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
 
     def _run(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         for layer, block in enumerate(self.blocks):
@@ -91,15 +75,10 @@ class ARGenerator(nn.Module):
     ) -> Tensor:
         """Token ids [B, K] for class `labels` [B]; the same seed gives the same tokens.
 
-        Guidance runs whenever it can change the result (scale != 1 or a schedule): the batch holds the
-        conditional rows and, below them, the same rows with the null class. `use_cache=False`
-        recomputes the whole prefix at every step (the reference the KV cache must match).
+        `use_cache=False` recomputes the whole prefix at every step (the reference the KV cache must match).
         """
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {labels.tolist()}")
+        rows, guided = self.sampling_rows(labels, cfg_scale, cfg_schedule)
         generator = torch.Generator(device=labels.device).manual_seed(seed)
-        guided = cfg_scale != 1.0 or cfg_schedule != "constant"
-        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         width = self.token_embed.embedding_dim
         cache = (
             KVCache(len(self.blocks), len(rows), self.heads, self.num_tokens, width // self.heads,

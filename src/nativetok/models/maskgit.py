@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nativetok.models.layers import Block, RMSNorm, init_weights, learned_positions
-from nativetok.models.sampling import draw, guidance_scale, guide
+from nativetok.models.sampling import ClassConditional, draw, guidance_scale, guide
 
 MASK_SCHEDULES = ("cosine", "arccos", "linear")
 
@@ -43,7 +43,7 @@ def masked_after_step(num_tokens: int, steps: int, schedule: str) -> List[int]:
     return counts
 
 
-class MaskGITGenerator(nn.Module):
+class MaskGITGenerator(ClassConditional):
     def __init__(
         self,
         codebook_size: int,
@@ -56,15 +56,10 @@ class MaskGITGenerator(nn.Module):
         class_dropout: float = 0.1,
         schedule: str = "cosine",
     ):
-        super().__init__()
+        super().__init__(codebook_size, num_tokens, num_classes, width, class_dropout)
         mask_ratio(0.5, schedule)  # fail early on an unknown schedule
-        self.codebook_size = codebook_size
-        self.num_tokens = num_tokens
-        self.num_classes = num_classes
-        self.class_dropout = class_dropout
         self.schedule = schedule
         self.token_embed = nn.Embedding(codebook_size + 1, width)  # the last id is [MASK]
-        self.class_embed = nn.Embedding(num_classes + 1, width)  # the last row is the null class
         self.positions = learned_positions(1, num_tokens + 1, width)
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, norm="rms", mlp="swiglu", bias=False) for _ in range(depth)
@@ -78,16 +73,6 @@ class MaskGITGenerator(nn.Module):
     @property
     def mask_id(self) -> int:
         return self.codebook_size
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def drop_labels(self, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        if self.class_dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
 
     def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """tokens [B, K] with mask ids where unknown -> logits [B, K, V] for every position."""
@@ -133,11 +118,8 @@ class MaskGITGenerator(nn.Module):
         Which predictions are kept is decided by their probability plus Gumbel noise whose temperature
         anneals linearly from `choice_temperature` to 0 over the steps.
         """
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {labels.tolist()}")
+        rows, guided = self.sampling_rows(labels, cfg_scale, cfg_schedule)
         generator = torch.Generator(device=labels.device).manual_seed(seed)
-        guided = cfg_scale != 1.0 or cfg_schedule != "constant"
-        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         ids = torch.full((len(labels), self.num_tokens), self.mask_id, device=labels.device)
         history = []
         for t, keep_masked in enumerate(masked_after_step(self.num_tokens, steps, self.schedule)):

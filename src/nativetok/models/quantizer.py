@@ -52,7 +52,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def note_usage(self, ids: Tensor, step: int) -> None:
-        self.last_used[ids.unique()] = step
+        self.last_used.index_fill_(0, ids.flatten(), step)  # no data-dependent shapes: no host sync
 
     @torch.no_grad()
     def restart_dead(self, candidates: Tensor, step: int, after: int, generator: torch.Generator) -> int:
@@ -71,7 +71,14 @@ class VectorQuantizer(nn.Module):
 
 def code_statistics(ids: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Fraction of the codebook used and the perplexity of the code distribution in `ids`."""
-    return statistics_from_counts(torch.bincount(ids.flatten(), minlength=codebook_size))
+    return statistics_from_counts(code_counts(ids, codebook_size))
+
+
+def code_counts(ids: Tensor, codebook_size: int) -> Tensor:
+    """How often each code occurs (scatter_add, not bincount: its output size never waits for the GPU)."""
+    flat = ids.flatten()
+    counts = torch.zeros(codebook_size, dtype=torch.long, device=ids.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def statistics_from_counts(counts: Tensor) -> dict[str, Tensor]:

@@ -1,4 +1,5 @@
-"""Shared pieces of class-conditional sampling: guidance and drawing tokens from logits."""
+"""Shared pieces of class-conditional generation: the class embedding with its null class, guidance,
+and drawing tokens from logits."""
 
 from __future__ import annotations
 
@@ -6,9 +7,45 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+class ClassConditional(nn.Module):
+    """What the AR and MaskGIT generators share: their sizes, a class embedding whose last row is the null
+    class (trained by label dropout, used by the unconditional half of guided sampling)."""
+
+    def __init__(self, codebook_size: int, num_tokens: int, num_classes: int, width: int, class_dropout: float):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.num_tokens = num_tokens
+        self.num_classes = num_classes
+        self.class_dropout = class_dropout
+        self.class_embed = nn.Embedding(num_classes + 1, width)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def drop_labels(self, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Replace labels by the null class with probability class_dropout (training for guidance)."""
+        if self.class_dropout <= 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.class_dropout
+        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+
+    def sampling_rows(self, labels: Tensor, cfg_scale: float, cfg_schedule: str) -> tuple[Tensor, bool]:
+        """The class of each row of a sampling batch, and whether it is guided.
+
+        Guidance runs whenever it can change the result (scale != 1 or a schedule): the conditional rows
+        then have, below them, the same rows with the null class.
+        """
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {labels.tolist()}")
+        guided = cfg_scale != 1.0 or cfg_schedule != "constant"
+        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+        return rows, guided
 
 
 def guidance_scale(scale: float, schedule: str, progress: float) -> float:

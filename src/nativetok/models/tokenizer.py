@@ -78,14 +78,17 @@ class NativeTokenizer(nn.Module):
             image_size, channels, config.patch_size, config.num_tokens, q.code_dim, d.width, d.depth, d.heads,
             d.mlp_ratio,
         )
-        # Tokens produced so far: grows with Hierarchical Native Training; saved with the weights.
-        self.register_buffer("active_tokens", torch.tensor(config.num_tokens))
+        # Tokens produced so far: grows with Hierarchical Native Training. A Python int (reading it never
+        # waits for the GPU), saved in the state dict as extra state.
+        self.num_active = config.num_tokens
+
+    def get_extra_state(self) -> dict:
+        return {"active_tokens": self.num_active}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.num_active = int(state["active_tokens"])
 
     # -- tokens ---------------------------------------------------------------------------------
-    @property
-    def num_active(self) -> int:
-        return int(self.active_tokens)
-
     def check_images(self, images: Tensor) -> None:
         expected = (self.channels, self.image_size, self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
@@ -135,7 +138,7 @@ class NativeTokenizer(nn.Module):
             raise ValueError(f"a '{self.kind}' tokenizer always produces all {self.num_tokens} tokens")
         if not 1 <= count <= self.num_tokens:
             raise ValueError(f"cannot use {count} experts: the tokenizer has {self.num_tokens} tokens")
-        self.active_tokens.fill_(count)
+        self.num_active = count
 
     def grow(self, count: int, init: str, generator: Optional[torch.Generator] = None) -> None:
         """Bring experts into use up to `count` (new ones initialised per `init`)."""
@@ -145,7 +148,7 @@ class NativeTokenizer(nn.Module):
             raise ValueError(f"cannot grow to {count} experts: the tokenizer has {self.num_tokens} tokens")
         if count > self.num_active:
             self.experts.grow(self.num_active, count, init, generator)
-        self.active_tokens.fill_(count)
+        self.num_active = count
 
     def parts(self) -> Dict[str, List[nn.Parameter]]:
         """Parameters by the names a growth schedule uses; experts listed one by one as expert.<i>."""
