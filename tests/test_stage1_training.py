@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -131,11 +132,14 @@ def test_gan_training_counts_one_step_per_batch_and_trains_the_discriminator(tin
     assert "train/adaptive_weight" in trainer.callback_metrics and "train/d_loss" in trainer.callback_metrics
 
 
-def test_train_command_writes_run_folder_and_resumes(tiny_config):
+def test_train_command_writes_run_folder_and_resumes(tiny_config, caplog):
     config = tiny_config("trainer.max_steps=2", "trainer.val_every_n_steps=2", "trainer.images_every_n_steps=1")
-    run_dir = train_tokenizer(config)
+    with caplog.at_level(logging.INFO, logger="nativetok"):
+        run_dir = train_tokenizer(config)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "reconstructions.png").is_file() and any((run_dir / "tb").glob("events.*"))
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation at step 2:")]
+    assert len(summary) == 1 and "psnr" in summary[0]  # batch-job logs show validation without a progress bar
     longer = tiny_config("trainer.max_steps=3", "trainer.val_every_n_steps=3")
     train_tokenizer(longer)  # the same command again continues from last.ckpt
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -157,3 +157,15 @@ class DataSkips(pl.Callback):
         if skips is not None and trainer.global_step % self.every_n_steps == 0:
             counts = {f"data/{k}": float(v) for k, v in skips.as_dict().items()}
             pl_module.log_dict(counts, on_step=True, on_epoch=False)
+
+
+class ValidationSummary(pl.Callback):
+    """One log line of validation metrics per evaluation, so batch-job logs show progress without a bar."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if metrics:
+            shown = ", ".join(f"{k[4:]} {float(v):.4g}" for k, v in sorted(metrics.items()))
+            log.info("validation at step %d: %s", trainer.global_step, shown)

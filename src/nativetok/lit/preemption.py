@@ -89,7 +89,7 @@ class LastCheckpoint(pl.Callback):
         last = self.folder / LAST
         if trainer.is_global_zero and last.is_file():
             os.replace(last, self.folder / PREVIOUS)
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)
         self._saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:

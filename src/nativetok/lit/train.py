@@ -125,10 +125,10 @@ def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks
     resume = checkpoint_to_resume(config)
     if resume:
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    from nativetok.lit.callbacks import DataSkips
+    from nativetok.lit.callbacks import DataSkips, ValidationSummary
 
     skips = DataSkips(config.trainer.log_every_n_steps)
-    trainer = build_trainer(config, [checkpoint_callback(run_dir), skips, *callbacks], run_dir)
+    trainer = build_trainer(config, [checkpoint_callback(run_dir), skips, ValidationSummary(), *callbacks], run_dir)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config))
