@@ -120,30 +120,28 @@ def reference_tokens(mocet: MixtureOfCausalExperts, z: Tensor, quantizer, count:
 # -- rows ----------------------------------------------------------------------------------------------
 
 
-def step_probe(experiment: str, kind: str, batch: int, repeats: int, variants: List[str]) -> None:
-    """In a fresh process: the median step time of each variant of one model, printed as JSON.
+def step_probe(experiment: str, kind: str, batch: int, repeats: int, variant: str) -> None:
+    """In a fresh process: the median step time of one variant of one model, printed as JSON.
 
     Variants: full (everything trains); growth-decoder and growth-new (the MIT and the first half of the
     experts frozen; the decoder and codebook train too, or only the new experts); optimizer-only (the
-    growth-decoder freezing done only in the optimizer, autograd computing every gradient). Each model
-    is timed in its own process: a process that has already run big steps reuses warm memory, which
-    would favour whatever is measured second.
+    growth-decoder freezing done only in the optimizer, autograd computing every gradient). Each variant
+    is timed in its own process: after big steps in the same process, the next variant measured there
+    was seen up to 40% slower.
     """
     tokenizer = build(experiment, kind)
     images = images_for(tokenizer, batch)
     half = tokenizer.num_tokens // 2
-    seconds = {}
-    for variant in variants:
-        if variant == "optimizer-only":
-            seconds[variant] = median_time(_optimizer_only_step(tokenizer, images, half), repeats, warmup=2)
-            continue
+    if variant == "optimizer-only":
+        step = _optimizer_only_step(tokenizer, images, half)
+    else:
         if variant == "full":
             tokenizer.set_trainable(range(tokenizer.num_tokens), ["all"])
         else:
             train = {"growth-decoder": ["decoder", "codebook"], "growth-new": []}[variant]
             tokenizer.set_trainable(range(half, tokenizer.num_tokens), train)
-        seconds[variant] = median_time(train_step(tokenizer, images), repeats, warmup=2)
-    print(json.dumps(seconds))
+        step = train_step(tokenizer, images)
+    print(json.dumps({"seconds": median_time(step, repeats, warmup=2)}))
 
 
 def _optimizer_only_step(tokenizer: NativeTokenizer, images: Tensor, half: int) -> Callable[[], None]:
@@ -171,8 +169,8 @@ def run_probe(function: str, *args) -> dict:
 
 
 def row_train_ratio(experiment: str, label: str, batch: int, repeats: int, target: Optional[str]) -> Row:
-    native = run_probe("step_probe", experiment, "nativetok", batch, repeats, ["full"])["full"]
-    parallel = run_probe("step_probe", experiment, "parallel", batch, repeats, ["full"])["full"]
+    native = run_probe("step_probe", experiment, "nativetok", batch, repeats, "full")["seconds"]
+    parallel = run_probe("step_probe", experiment, "parallel", batch, repeats, "full")["seconds"]
     detail = f"{native:.3f} s vs {parallel:.3f} s a step at batch {batch}, each in a fresh process"
     return Row(f"1. stage-1 step, NativeTok / parallel ({label})", native / parallel, target=target,
                detail=detail).check()
@@ -180,9 +178,7 @@ def row_train_ratio(experiment: str, label: str, batch: int, repeats: int, targe
 
 def row_growth_ratio(experiment: str, label: str, batch: int, repeats: int, target: Optional[str]) -> List[Row]:
     """A growth step (the MIT and the first half of the experts frozen) against a full step of the same model."""
-    # Each variant in its own process: after a variant's optimizer state has come and gone, the next one
-    # measured in the same process at L-32 sizes was seen up to 40% slower.
-    seconds = {variant: run_probe("step_probe", experiment, "nativetok", batch, repeats, [variant])[variant]
+    seconds = {variant: run_probe("step_probe", experiment, "nativetok", batch, repeats, variant)["seconds"]
                for variant in ("growth-new", "growth-decoder", "optimizer-only", "full")}
     full, new = seconds["full"], seconds["growth-new"]
     return [
