@@ -18,7 +18,7 @@ from nativetok.config.schema import DataConfig
 from nativetok.data import DatasetIndex, ImageShardsDataModule
 from nativetok.data.fmnist import DEBIAN_DIR, load_split, locate_files, pad_to
 from nativetok.data.folders import shard_folder
-from nativetok.data.shards import write_shard
+from nativetok.data.shards import encode_image, write_shard
 from nativetok.data.stream import DataError, ShardSpec, ShardStream, SkipCounts
 from nativetok.data.transforms import ImageDecoder
 
@@ -258,3 +258,20 @@ def test_random_training_transforms_keep_size_and_label():
     Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)).save(buffer, format="PNG")
     out = decoder({"__key__": "k", "png": buffer.getvalue(), "cls": b"3"}, random.Random(0))
     assert out["image"].shape == (3, 24, 24) and out["label"] == 3
+
+
+def test_a_view_names_the_pixels_after_the_random_crop_and_flip(fmnist_index):
+    """Equal views are equal pixels and different views different ones: what a prefix cache keys on."""
+    real = read_raw(fmnist_index.parent / "fmnist-train-000000.tar")[0]
+    wide = dict(real, __key__="wide", png=encode_image(np.random.default_rng(0).integers(0, 256, (32, 48), np.uint8)))
+    decoder, rng = ImageDecoder(32, 1, train=True, hflip=True), random.Random(0)
+    pixels = {}
+    for sample in [real] * 10 + [wide] * 60:
+        out = decoder(sample, rng)
+        pixels.setdefault(out["view"], set()).add(out["image"].numpy().tobytes())
+    assert all(len(images) == 1 for images in pixels.values())
+    assert len({image for images in pixels.values() for image in images}) == len(pixels)
+    key = real["__key__"]
+    assert {view for view in pixels if view.startswith(key)} == {f"{key}@0,0", f"{key}@0,0~"}
+    assert len(pixels) > 10  # the wide image gives crops at several corners, flipped or not
+    assert ImageDecoder(32, 1, train=False)(wide, rng)["view"] == "wide@8,0"  # evaluation: the centre crop

@@ -250,6 +250,7 @@ def test_nan_losses_in_stage2_skip_their_steps_and_too_many_stop(tmp_path):
     ("growth.stages=[{step: 0, experts: 4}, {step: 5, experts: 32}]", "growth.stages.1.experts"),
     ("tokenizer.patch_size=5", "tokenizer.patch_size"),
     ("trainer.devices=3", "data.batch_size"),
+    ("growth.cache_gib=-1", "growth.cache_gib"),
 ])
 def test_bad_configs_stop_before_any_work_naming_the_key(tmp_path, capsys, override, key):
     code = main(["train", str(EXPERIMENT), f"run.dir={tmp_path / 'run'}", "trainer.accelerator=cpu", override])

@@ -8,6 +8,7 @@ import torch
 from nativetok.losses import LPIPS, LeCam, adaptive_weight, load_lpips
 from nativetok.models import NativeTokenizer
 from nativetok.models.layers import Block, causal_mask
+from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import VectorQuantizer, code_statistics
 
 
@@ -242,3 +243,58 @@ def test_imagenet_models_build_on_the_meta_device_with_their_sizes(name, tokens,
     assert counts.get("experts", 0) == pytest.approx(experts * vit_params(256, 2), rel=0.05)
     if name == "nativetok_l32":  # ViT-L encoder and decoder plus 32 small experts: about 655M
         assert 640e6 < counts["total"] < 670e6
+
+
+@pytest.mark.parametrize("train, prefix", [([], 4), (["codebook", "decoder"], 0)])
+def test_a_prefix_cache_gives_the_same_tokens_loss_and_gradients(tiny_config, images, train, prefix):
+    """A growth stage (MIT and experts 0-3 frozen): a step whose views miss the cache, then one whose views
+    hit it, give the tokens, loss and gradients of an uncached step; what is cached follows what is frozen."""
+    tokenizer = make_tokenizer(tiny_config)
+    tokenizer.set_trainable(range(4, 8), train)
+    assert tokenizer.frozen_prefix() == prefix
+    cache = FrozenPrefixCache(1 << 20)
+    cache.reset(prefix)
+    views = [f"view{i}" for i in range(len(images))]
+
+    def step(**cached):
+        tokenizer.zero_grad(set_to_none=True)
+        out = tokenizer(images, **cached)
+        loss = (out.reconstruction - (images * 2 - 1)).square().mean() + out.quantizer_loss
+        loss.backward()
+        return out.ids, loss.detach(), {n: p.grad for n, p in tokenizer.named_parameters() if p.requires_grad}
+
+    ids, loss, grads = step()
+    for expected_hits in (0, len(images)):
+        before = cache.hits
+        got_ids, got_loss, got_grads = step(cache=cache, views=views)
+        assert cache.hits - before == expected_hits
+        assert torch.equal(got_ids, ids)
+        assert torch.allclose(got_loss, loss, rtol=1e-6, atol=0)
+        assert grads.keys() == got_grads.keys() and all(
+            torch.allclose(got_grads[n], g, rtol=1e-5, atol=1e-7) for n, g in grads.items())
+    z, outputs = cache.entries["view0"]
+    assert z.shape == (tokenizer.mit.num_patches, 16) and outputs.shape == (prefix, 12)
+
+
+def test_a_prefix_cache_is_refused_when_stale_and_stops_storing_at_its_budget(tiny_config, images):
+    tokenizer = make_tokenizer(tiny_config)
+    tokenizer.set_trainable(range(8), ["all"])
+    assert tokenizer.frozen_prefix() is None  # the MIT trains: Z moves
+    tokenizer.set_trainable(range(2, 8), ["old_experts"])
+    assert tokenizer.frozen_prefix() == 0  # experts 0-1 train through old_experts: only Z is fixed
+    tokenizer.set_trainable(range(6, 8), [])
+    views = [f"view{i}" for i in range(len(images))]
+    entry = tokenizer.mit.num_patches * 16 * 4 + 6 * 12 * 4  # bytes of one view: Z and 6 outputs, fp32
+    cache = FrozenPrefixCache(2 * entry + 1)
+    cache.reset(6)
+    with torch.no_grad():
+        expected = tokenizer.encode(images)
+        assert torch.equal(tokenizer(images, cache=cache, views=views).ids, expected)
+        assert len(cache) == 2 and cache.bytes == 2 * entry
+        assert torch.equal(tokenizer(images, cache=cache, views=views).ids, expected)
+        assert (cache.hits, cache.misses) == (2, 2 * len(images) - 2)
+        tokenizer.set_trainable(range(4, 8), [])  # expert 4 and 5 train again: their outputs move
+        with pytest.raises(RuntimeError, match="6 experts' outputs but 4 are fixed"):
+            tokenizer(images, cache=cache, views=views)
+        with pytest.raises(ValueError, match="one view name per image"):
+            tokenizer(images, cache=cache, views=views[:2])

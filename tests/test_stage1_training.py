@@ -13,10 +13,13 @@ from nativetok import load_tokenizer
 from nativetok.checkpoints import CheckpointError
 from nativetok.config.loading import to_container
 from nativetok.data import ImageShardsDataModule
+from nativetok.data.shards import write_shard
+from nativetok.data.stream import ShardSpec, read_shard
 from nativetok.lit.callbacks import ExpertGrowth
 from nativetok.lit.tokenizer_module import TokenizerModule
 from nativetok.lit.train import build_trainer, checkpoint_callback, train_tokenizer
 
+FMNIST_SHARD = Path(__file__).resolve().parents[1] / "data" / "fmnist" / "fmnist-train-000000.tar"
 GROWTH = "growth.stages=[{step: 0, experts: 2}, {step: 4, experts: 4, train: [decoder]}, {step: 9, experts: 8}]"
 
 
@@ -157,3 +160,40 @@ def test_checkpoints_of_another_kind_are_refused(tmp_path):
         load_tokenizer(tmp_path / "broken.ckpt")
     with pytest.raises(CheckpointError, match="not found"):
         load_tokenizer(tmp_path / "missing.ckpt")
+
+
+def test_the_prefix_cache_changes_nothing_but_the_work_done(tiny_config, tmp_path):
+    """48 real images (96 views with flips) and a growth stage that freezes the MIT, the codebook and
+    experts 0-1: with the cache on, views recur and hit it, and every loss and final weight equals the
+    uncached run's. The cache is emptied and turned off when the fine-tune stage unfreezes the MIT."""
+    raw = [sample for sample, _ in zip(read_shard(ShardSpec(str(FMNIST_SHARD))), range(48))]
+    write_shard(tmp_path / "small-train-000000.tar", raw)
+    overrides = (
+        "growth.stages=[{step: 0, experts: 2}, {step: 3, experts: 4, train: []}, {step: 15, experts: 8}]",
+        f"data.train_shards={tmp_path / 'small-train-000000.tar'}", "data.train_samples_per_epoch=48",
+        "trainer.max_steps=17", "trainer.val_every_n_steps=100",
+    )
+
+    class CacheWatch(pl.Callback):
+        def __init__(self):
+            self.hits, self.caching = {}, {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.hits[trainer.global_step] = pl_module.prefix_cache.hits if pl_module.prefix_cache else None
+            self.caching[trainer.global_step] = pl_module.caching
+
+    runs = {}
+    for gib in (0, 0.01):
+        recorder, watch = Recorder(), CacheWatch()
+        _, module = fit(tiny_config(*overrides, f"growth.cache_gib={gib}", f"run.dir={tmp_path / str(gib)}"),
+                        [recorder, watch])
+        runs[gib] = recorder, watch, module
+    (plain, _, plain_module), (cached, watch, cached_module) = runs[0], runs[0.01]
+    assert [step for step, on in watch.caching.items() if on] == list(range(4, 16))
+    assert watch.hits[15] > 60  # 12 steps of 16 draws from 96 views
+    assert cached_module.prefix_cache.prefix == 0 and len(cached_module.prefix_cache) == 0
+    for step, loss in plain.losses.items():
+        assert cached.losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
+    expected = dict(plain_module.tokenizer.named_parameters())
+    for name, value in cached_module.tokenizer.named_parameters():
+        assert torch.allclose(value, expected[name], rtol=1e-4, atol=1e-6), name

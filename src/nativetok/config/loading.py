@@ -289,6 +289,9 @@ def check_optim(c: ExperimentConfig) -> Check:
 def check_growth(c: ExperimentConfig) -> Check:
     g = c.growth
     yield from _choice("growth.init", g.init, ("copy_last", "fresh"))
+    yield from _non_negative("growth", g, "cache_gib")
+    if g.cache_gib > 0 and c.tokenizer.kind != "nativetok":
+        yield "growth.cache_gib", f"caches the experts' inputs, which tokenizer.kind '{c.tokenizer.kind}' does not have"
     if not g.stages:
         return
     if c.tokenizer.kind != "nativetok":

@@ -174,6 +174,9 @@ class GrowthConfig:
     stages: List[GrowthStage] = field(default_factory=list)
     # A new expert starts as a copy of the last active one, or from fresh initialisation.
     init: str = "copy_last"
+    # Memory (GiB, on the training device, per rank) for Z and the frozen experts' outputs per image view
+    # while the MIT is frozen; a step reuses them for views seen before in the stage. 0: off.
+    cache_gib: float = 0.0
 
 
 @dataclass

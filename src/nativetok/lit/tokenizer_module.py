@@ -26,6 +26,7 @@ from nativetok.lit.metrics import CodeUsage
 from nativetok.lit.schedules import warmup_cosine
 from nativetok.losses import LeCam, adaptive_weight, discriminator_hinge_loss, generator_loss, load_lpips, pixel_loss
 from nativetok.models.discriminator import PatchDiscriminator
+from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import code_statistics
 from nativetok.models.tokenizer import NativeTokenizer
 
@@ -63,6 +64,9 @@ class TokenizerModule(pl.LightningModule):
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_codes = CodeUsage(c.tokenizer.quantizer.codebook_size)
         self.growth_stage = 0
+        # Z and frozen experts' outputs per image view, used in growth stages that freeze the MIT.
+        self.prefix_cache = FrozenPrefixCache(int(c.growth.cache_gib * 2**30)) if c.growth.cache_gib > 0 else None
+        self.caching = False
         self.loss_guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "autoencoder loss")
         self.disc_guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "discriminator loss")
 
@@ -159,7 +163,19 @@ class TokenizerModule(pl.LightningModule):
             "HNT stage %d (step %d): %d experts; training %s; frozen: %s",
             index, stage.step, stage.experts, _summarise(trained), _summarise(frozen) or "nothing",
         )
+        self._reset_prefix_cache()
         return frozen
+
+    def _reset_prefix_cache(self) -> None:
+        """A new stage invalidates every cached view; cache what this stage keeps fixed, if anything."""
+        if self.prefix_cache is None:
+            return
+        prefix = self.tokenizer.frozen_prefix()
+        self.caching = prefix is not None
+        self.prefix_cache.reset(prefix or 0)
+        if self.caching:
+            log.info("prefix cache: Z and %d experts' outputs per image view, up to %.1f GiB",
+                     prefix, self.prefix_cache.max_bytes / 2**30)
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -173,7 +189,8 @@ class TokenizerModule(pl.LightningModule):
         logs: Dict[str, Tensor] = {}
 
         with self.toggled_optimizer(autoencoder):  # the discriminator's weights take no gradient here
-            out = self.tokenizer(images, self._prefix_lengths(images.shape[0]))
+            cache = self.prefix_cache if self.caching else None
+            out = self.tokenizer(images, self._prefix_lengths(images.shape[0]), cache, batch.get("view"))
             rec = pixel_loss(out.reconstruction, target, c.loss.pixel)
             nll = c.loss.pixel_weight * rec
             if self._perceptual:
@@ -217,6 +234,11 @@ class TokenizerModule(pl.LightningModule):
             "growth/experts": torch.tensor(float(self.tokenizer.num_active)),
             "growth/stage": torch.tensor(float(self.growth_stage)),
         })
+        if cache is not None:
+            logs.update({
+                "growth/cache_hit_rate": torch.tensor(cache.hit_rate),
+                "growth/cache_gib": torch.tensor(cache.bytes / 2**30),
+            })
         self.log_dict(logs, on_step=True, on_epoch=False)
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss.detach()

@@ -8,7 +8,7 @@ and their positions, blocks, output head), so freezing an expert fixes its token
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -70,19 +70,41 @@ class MixtureOfCausalExperts(nn.Module):
             Expert(i, width, depth, heads, mlp_ratio, code_dim) for i in range(num_tokens)
         )
 
-    def forward(self, z: Tensor, quantizer: VectorQuantizer, count: int) -> Quantized:
-        """Tokens 0..count-1, each quantized before the next expert reads it."""
-        codes = z.new_zeros(z.shape[0], 0, self.code_dim)
-        ids: List[Tensor] = []
-        inputs: List[Tensor] = []
-        loss = z.new_zeros(())
-        for expert in self.experts[:count]:
-            token = quantizer(expert(z, codes))
-            codes = torch.cat([codes, token.codes[:, None]], dim=1)
-            ids.append(token.ids)
-            inputs.append(token.inputs)
-            loss = loss + token.loss
-        return Quantized(codes, torch.stack(ids, 1), loss / count, torch.stack(inputs, 1))
+    def forward(
+        self, z: Tensor, quantizer: VectorQuantizer, count: int, prefix: Optional[Tensor] = None
+    ) -> Quantized:
+        """Tokens 0..count-1, each quantized before the next expert reads it.
+
+        `prefix`: the raw outputs [B, P, code_dim] of experts 0..P-1 for this z, computed earlier (a
+        frozen-prefix cache); they are quantized as they are and only experts P..count-1 run.
+        """
+        parts = [quantizer(prefix)] if prefix is not None and prefix.shape[1] else []
+        start = parts[0].codes if parts else z.new_zeros(z.shape[0], 0, self.code_dim)
+        parts += [token for _, token in self._run(z, quantizer, start, count)]
+        loss = sum(part.loss * part.ids.shape[1] for part in parts) / count
+        return Quantized(
+            torch.cat([part.codes for part in parts], dim=1),
+            torch.cat([part.ids for part in parts], dim=1),
+            loss,
+            torch.cat([part.inputs for part in parts], dim=1),
+        )
+
+    @torch.no_grad()
+    def raw_outputs(self, z: Tensor, quantizer: VectorQuantizer, count: int) -> Tensor:
+        """What experts 0..count-1 emit before quantization [B, count, code_dim]: a cache's prefix."""
+        none = z.new_zeros(z.shape[0], 0, self.code_dim)
+        return torch.cat([none] + [output for output, _ in self._run(z, quantizer, none, count)], dim=1)
+
+    def _run(
+        self, z: Tensor, quantizer: VectorQuantizer, codes: Tensor, count: int
+    ) -> Iterator[Tuple[Tensor, Quantized]]:
+        """After the tokens whose codes are given, up to token count-1: each raw output [B, 1, code_dim]
+        and its quantized token, which joins the context of the next expert."""
+        for expert in self.experts[codes.shape[1] : count]:
+            output = expert(z, codes)[:, None]
+            token = quantizer(output)
+            codes = torch.cat([codes, token.codes], dim=1)
+            yield output, token
 
     def grow(self, start: int, stop: int, init: str, generator: Optional[torch.Generator] = None) -> None:
         """Bring experts start..stop-1 into use: copies of expert start-1, or freshly initialised.

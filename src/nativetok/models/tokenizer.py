@@ -11,7 +11,7 @@ Kinds (the comparison of the paper, like for like):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from nativetok.models.decoder import PixelDecoder
 from nativetok.models.layers import learned_positions
 from nativetok.models.mit import MetaImageTransformer
 from nativetok.models.mocet import MixtureOfCausalExperts
+from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import Quantized, VectorQuantizer
 
 
@@ -97,17 +98,68 @@ class NativeTokenizer(nn.Module):
                 f"got {list(images.shape)}"
             )
 
-    def quantize(self, images: Tensor) -> Quantized:
-        """images in [-1, 1] -> the quantized active tokens."""
+    def quantize(
+        self, images: Tensor, cache: Optional[FrozenPrefixCache] = None, views: Optional[Sequence[str]] = None
+    ) -> Quantized:
+        """images in [-1, 1] -> the quantized active tokens; with a cache, Z and the frozen experts' outputs
+        come from it for the views it holds (`frozen_prefix` says when that is valid)."""
         if self.kind == "nativetok":
-            return self.experts(self.mit(images), self.quantizer, self.num_active)
+            if cache is None:
+                return self.experts(self.mit(images), self.quantizer, self.num_active)
+            z, prefix = self._cached(images, cache, views)
+            return self.experts(z, self.quantizer, self.num_active, prefix)
         z = self.mit(images, extra=self.latents.tokens, mask=self.latents.mask)
         return self.quantizer(self.token_head(z[:, self.mit.num_patches :]))
 
-    def forward(self, images: Tensor, lengths: Optional[Tensor] = None) -> TokenizerOutput:
-        """images in [0, 1] -> reconstruction in about [-1, 1] (decoded from `lengths` tokens per sample)."""
+    def _cached(
+        self, images: Tensor, cache: FrozenPrefixCache, views: Optional[Sequence[str]]
+    ) -> Tuple[Tensor, Tensor]:
+        """Z and the cached experts' raw outputs for a batch: stored ones reused, missing ones computed."""
+        if views is None or len(views) != images.shape[0]:
+            raise ValueError("a prefix cache needs one view name per image")
+        frozen = self.frozen_prefix()
+        if frozen is None or cache.prefix > frozen:
+            raise RuntimeError(
+                f"the prefix cache holds {cache.prefix} experts' outputs but {frozen} are fixed now: "
+                "reset it whenever what is frozen changes"
+            )
+        entries = cache.get(views)
+        missing = [i for i, entry in enumerate(entries) if entry is None]
+        if missing:
+            with torch.no_grad():
+                z = self.mit(images[torch.tensor(missing, device=images.device)])
+                prefix = self.experts.raw_outputs(z, self.quantizer, cache.prefix)
+            for row, i in enumerate(missing):
+                entries[i] = cache.put(views[i], z[row], prefix[row])
+        return torch.stack([entry[0] for entry in entries]), torch.stack([entry[1] for entry in entries])
+
+    def frozen_prefix(self) -> Optional[int]:
+        """What a prefix cache may hold now: None while the MIT trains (Z moves), else how many leading
+        active experts have fixed outputs for a fixed view (0 while the codebook trains: their contexts move)."""
+        if self.kind != "nativetok" or any(p.requires_grad for p in self.mit.parameters()):
+            return None
+        if self.quantizer.codebook.requires_grad:
+            return 0
+        count = 0
+        for expert in self.experts.experts[: self.num_active]:
+            if any(p.requires_grad for p in expert.parameters()):
+                break
+            count += 1
+        return count
+
+    def forward(
+        self,
+        images: Tensor,
+        lengths: Optional[Tensor] = None,
+        cache: Optional[FrozenPrefixCache] = None,
+        views: Optional[Sequence[str]] = None,
+    ) -> TokenizerOutput:
+        """images in [0, 1] -> reconstruction in about [-1, 1] (decoded from `lengths` tokens per sample).
+
+        With a `cache` and one name per image view, Z and the frozen experts' outputs are reused.
+        """
         self.check_images(images)
-        tokens = self.quantize(images * 2 - 1)
+        tokens = self.quantize(images * 2 - 1, cache, views)
         reconstruction = self.decoder(tokens.codes, lengths)
         return TokenizerOutput(reconstruction, tokens.ids, tokens.loss, tokens.inputs)
 
