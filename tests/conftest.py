@@ -38,6 +38,17 @@ def shard_copy(tmp_path, fmnist_index):
     return copy
 
 
+@pytest.fixture()
+def images(fmnist_index):
+    """Six real validation images in [0, 1]."""
+    from nativetok.config.schema import DataConfig
+    from nativetok.data import ImageShardsDataModule
+
+    module = ImageShardsDataModule(DataConfig(index=str(fmnist_index), batch_size=6, num_workers=0))
+    batch = next(iter(module.make_stream(False)))
+    return batch["image"].float() / 255
+
+
 # A tokenizer small enough for a CPU test to train it for a few steps in seconds.
 TINY = [
     "data.batch_size=16",

@@ -212,3 +212,27 @@ def test_generators_train_through_lightning_and_sample_reproducibly(pipeline, ki
         sample_to_folder(str(checkpoint), pipeline["root"] / "bad", classes=[10], device="cpu")
     with pytest.raises(CheckpointError, match="is a generator checkpoint, not a tokenizer"):
         load_tokenizer(checkpoint)
+
+
+def test_tokenize_sample_and_eval_fid_run_under_autocast(pipeline, tmp_path):
+    """The inference commands' `--precision bf16-mixed` (and 16-mixed) paths, end to end on CPU."""
+    from nativetok.eval.fid import evaluate_fid
+
+    out = tmp_path / "tokens"
+    tokenize_shards(str(pipeline["tokenizer"]), str(pipeline["images"]), out, splits=["val"], batch_size=500,
+                    precision="bf16-mixed")
+    stored = [decode_ids(s["tokens.npy"]) for s in read_raw(out / "fmnist-tokens-val-000000.tar")]
+    assert len(stored) == 2000 and all(s.shape == (8,) and 0 <= s.min() and s.max() < 32 for s in stored)
+
+    run_dir = train_generator(generator_config(pipeline, "ar", f"run.dir={tmp_path / 'ar'}",
+                                               "trainer.precision=bf16-mixed"))
+    checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
+    for precision in ("bf16-mixed", "16-mixed"):
+        folder = sample_to_folder(checkpoint, tmp_path / precision, classes=[1], per_class=2, device="cpu",
+                                  precision=precision)
+        images = np.load(folder / "samples.npz")["images"]
+        assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
+
+    scores = evaluate_fid(tokenizer_path=str(pipeline["tokenizer"]), num=8, data=str(pipeline["images"]),
+                          device="cpu", precision="bf16-mixed")
+    assert np.isfinite(scores[0].fid) and scores[0].images == 8

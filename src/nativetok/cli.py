@@ -51,12 +51,19 @@ def _train(args: argparse.Namespace) -> None:
     (train_tokenizer if config.stage == "tokenizer" else train_generator)(config)
 
 
+def _precision_option(parser: argparse.ArgumentParser) -> None:
+    from nativetok.precision import INFERENCE_PRECISIONS
+
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="32-true",
+                        help="autocast for the models (bf16-mixed: faster on GPUs); default 32-true")
+
+
 def _tokenize(args: argparse.Namespace) -> None:
     from nativetok.data.tokens import tokenize_shards
 
     tokenize_shards(
         args.tokenizer, args.data, Path(args.out), splits=args.splits, batch_size=args.batch_size,
-        flip=args.flip, device=args.device,
+        flip=args.flip, device=args.device, precision=args.precision,
     )
 
 
@@ -68,7 +75,7 @@ def _sample(args: argparse.Namespace) -> None:
         tokenizer_path=args.tokenizer, seed=args.seed, batch_size=args.batch_size, device=args.device,
         png=args.format in ("png", "both"), npz=args.format in ("npz", "both"),
         cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, steps=args.steps,
+        top_p=args.top_p, steps=args.steps, precision=args.precision,
     )
 
 
@@ -78,7 +85,7 @@ def _eval_fid(args: argparse.Namespace) -> None:
     evaluate_fid(
         tokenizer_path=args.tokenizer, generator_path=args.generator, samples=args.samples, num=args.num,
         data=args.data, real_split=args.split, reference_split=args.reference_split, inception=args.inception,
-        device=args.device, seed=args.seed, out=Path(args.out),
+        device=args.device, seed=args.seed, out=Path(args.out), precision=args.precision,
     )
 
 
@@ -147,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--batch-size", type=int, default=256)
     tokenize.add_argument("--flip", action="store_true", help="also store the tokens of the flipped image")
     tokenize.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
+    _precision_option(tokenize)
     tokenize.set_defaults(func=_tokenize)
 
     sample = commands.add_parser("sample", help="class-conditional samples of a generator, decoded to images")
@@ -165,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int, default=None)
     sample.add_argument("--top-p", type=float, default=None)
     sample.add_argument("--steps", type=int, default=None, help="MaskGIT decoding steps")
+    _precision_option(sample)
     sample.set_defaults(func=_sample)
 
     fid = commands.add_parser("eval-fid", help="rFID of a tokenizer, gFID of a generator or of a sample folder")
@@ -179,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--device", default=None)
     fid.add_argument("--seed", type=int, default=0)
     fid.add_argument("--out", default="runs/eval/fid.json")
+    _precision_option(fid)
     fid.set_defaults(func=_eval_fid)
 
     tokens = commands.add_parser("token-metrics", help="per-position entropies of a tokenizer's tokens (AR model)")

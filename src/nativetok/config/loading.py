@@ -227,6 +227,10 @@ def check_trainer(c: ExperimentConfig) -> Check:
     yield from _positive("trainer", t, "max_nonfinite_steps")
     yield from _non_negative("trainer", t, "images_every_n_steps", "checkpoint_every_n_steps")
     yield from _choice("trainer.precision", str(t.precision), PRECISIONS)
+    if t.cuda_graphs and t.accelerator == "cpu":
+        yield "trainer.cuda_graphs", "needs a CUDA device (trainer.accelerator gpu or auto)"
+    if t.cuda_graphs and c.stage != "tokenizer":
+        yield "trainer.cuda_graphs", "captures the stage-1 encoder; stage 2 training does not use it"
     devices = t.devices
     if not (devices == "auto" or world_size(t) is not None) or (world_size(t) or 1) <= 0:
         yield "trainer.devices", f"must be auto, a positive count or a list of device ids; got {devices!r}"

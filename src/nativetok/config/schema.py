@@ -64,6 +64,9 @@ class TrainerConfig:
     # A non-finite loss skips its step; this many in a row stop the run.
     max_nonfinite_steps: int = 10
     compile: bool = False
+    # Stage 1 on a CUDA device: replay the encoder (MIT, experts, quantizer) forward and backward as CUDA
+    # graphs, captured once per growth stage; it removes the host's per-op cost of the sequential experts.
+    cuda_graphs: bool = False
     deterministic: bool = False
 
 

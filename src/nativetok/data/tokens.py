@@ -24,6 +24,7 @@ from tqdm import tqdm
 from nativetok.data.shards import DatasetIndex, ShardEntry, SplitIndex, count_samples, shard_name, write_shard
 from nativetok.data.stream import SHARD_ERRORS, DataError, ShardSpec, read_shard
 from nativetok.data.transforms import ImageDecoder
+from nativetok.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,18 @@ def _batches(samples: Iterator[dict], decoder: ImageDecoder, size: int, skipped:
 
 
 @torch.no_grad()
-def _tokenize_shard(tokenizer, source: ShardSpec, target: Path, batch_size: int, flip: bool, device, progress) -> int:
+def _tokenize_shard(
+    tokenizer, source: ShardSpec, target: Path, batch_size: int, flip: bool, device, progress, precision: str
+) -> int:
     decoder = ImageDecoder(tokenizer.image_size, tokenizer.channels, train=False)
     skipped: List[str] = []
     samples = []
     try:
         for batch in _batches(read_shard(source), decoder, batch_size, skipped):
             images = torch.stack([b["image"] for b in batch]).to(device).float().div_(255)
-            ids = tokenizer.encode(images).cpu().numpy()
-            flipped = tokenizer.encode(images.flip(-1)).cpu().numpy() if flip else None
+            with autocast(device, precision):
+                ids = tokenizer.encode(images).cpu().numpy()
+                flipped = tokenizer.encode(images.flip(-1)).cpu().numpy() if flip else None
             for i, item in enumerate(batch):
                 sample = {"__key__": item["key"], "tokens.npy": encode_ids(ids[i]), "cls": str(item["label"]).encode()}
                 if flipped is not None:
@@ -122,8 +126,12 @@ def tokenize_shards(
     flip: bool = False,
     device: Optional[str] = None,
     wait_seconds: float = 6 * 3600,
+    precision: str = "32-true",
 ) -> Optional[DatasetIndex]:
-    """Encode the image shards of `image_index` into token shards under `out`; rank 0 writes the index."""
+    """Encode the image shards of `image_index` into token shards under `out`; rank 0 writes the index.
+
+    `precision` bf16-mixed or 16-mixed encodes under autocast (faster on a GPU; a code whose distance ties
+    within the lower precision may come out differently than in fp32)."""
     from nativetok.checkpoints import load_tokenizer
 
     rank, world = process_rank()
@@ -150,7 +158,7 @@ def tokenize_shards(
     log.info("rank %d of %d: %d shards (%d images) to tokenize on %s", rank, world, len(jobs), total, device)
     with tqdm(total=total, desc=f"tokenize (rank {rank})", unit="img", disable=rank != 0) as progress:
         for spec, target in jobs:
-            _tokenize_shard(tokenizer, spec, target, batch_size, flip, device, progress)
+            _tokenize_shard(tokenizer, spec, target, batch_size, flip, device, progress, precision)
     if rank != 0:
         return None
     files = {split: [shard_name(name, split, n) for n in range(len(images.split(split).shards))] for split in splits}

@@ -25,6 +25,7 @@ from nativetok.data.stream import ShardSpec, ShardStream, limit_samples
 from nativetok.data.transforms import ImageDecoder
 from nativetok.eval.inception import InceptionFeatures, InceptionWeights, cache_dir, inception_weights
 from nativetok.eval.samples import balanced_labels, generate_images, to_uint8
+from nativetok.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +159,13 @@ def real_features(
 
 
 @torch.no_grad()
-def reconstructions(tokenizer, images: Tensor, batch_size: int = 250) -> Tensor:
+def reconstructions(tokenizer, images: Tensor, batch_size: int = 250, precision: str = "32-true") -> Tensor:
     device = next(tokenizer.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device).float() / 255
-        out.append(to_uint8(tokenizer.decode(tokenizer.encode(batch))).cpu())
+        with autocast(device, precision):
+            out.append(to_uint8(tokenizer.decode(tokenizer.encode(batch))).cpu())
     return torch.cat(out)
 
 
@@ -186,10 +188,12 @@ def evaluate_fid(
     device: Optional[str] = None,
     seed: int = 0,
     out: Optional[Path] = None,
+    precision: str = "32-true",
 ) -> List[Score]:
     """rFID of a tokenizer and/or gFID of a generator (or a folder of samples); results as JSON and a table.
 
     The image data defaults to the tokenizer's training data (for a generator: its tokenizer's).
+    `precision` applies to the tokenizer and generator (autocast); Inception always runs in fp32.
     """
     from nativetok.checkpoints import (
         generator_config,
@@ -210,7 +214,7 @@ def evaluate_fid(
         tokenizer = load_tokenizer(tokenizer_path, device)
         images, _ = real_images(index, real_split, num)
         reference = real_features(index, real_split, num, extractor)
-        rebuilt = extractor(reconstructions(tokenizer, images))
+        rebuilt = extractor(reconstructions(tokenizer, images, precision=precision))
         scores.append(score(f"rFID: reconstructions of {real_split}", rebuilt, reference, weights))
     if generator_path or samples:
         if generator_path:
@@ -220,7 +224,7 @@ def evaluate_fid(
             index = data or tokenizer_config(g.tokenizer).data.index
             labels = balanced_labels(config.data.num_classes, num)
             generated = generate_images(load_generator(generator_path, device), tokenizer, labels, config.sampling,
-                                        seed, batch_size=100)
+                                        seed, batch_size=100, precision=precision)
             name = f"gFID: {num} samples (cfg {config.sampling.cfg_scale}) vs {reference_split}"
         else:
             if data is None and tokenizer_path is None:

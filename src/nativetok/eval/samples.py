@@ -16,18 +16,23 @@ from tqdm import tqdm
 
 from nativetok.checkpoints import generator_config, load_generator, load_matching_tokenizer
 from nativetok.models import generate
+from nativetok.precision import autocast
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def generate_images(generator, tokenizer, labels: torch.Tensor, sampling, seed: int, batch_size: int) -> torch.Tensor:
-    """uint8 images [N, C, H, W] for `labels`; batch b is drawn with seed `seed + b` (reproducible)."""
+def generate_images(
+    generator, tokenizer, labels: torch.Tensor, sampling, seed: int, batch_size: int, precision: str = "32-true"
+) -> torch.Tensor:
+    """uint8 images [N, C, H, W] for `labels`; batch b is drawn with seed `seed + b` (reproducible).
+    `precision` bf16-mixed or 16-mixed samples and decodes under autocast."""
     device = next(generator.parameters()).device
     chunks = []
     for number, start in enumerate(tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch")):
         batch = labels[start : start + batch_size].to(device)
-        images = tokenizer.decode(generate(generator, batch, sampling, seed + number))
+        with autocast(device, precision):
+            images = tokenizer.decode(generate(generator, batch, sampling, seed + number))
         chunks.append(to_uint8(images).cpu())
     return torch.cat(chunks)
 
@@ -53,6 +58,7 @@ def sample_to_folder(
     device: Optional[str] = None,
     png: bool = True,
     npz: bool = True,
+    precision: str = "32-true",
     **sampling_overrides,
 ) -> Path:
     """Sample `per_class` images of each class (all classes by default) into `out`; returns `out`.
@@ -73,7 +79,7 @@ def sample_to_folder(
     labels = torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images = generate_images(generator, tokenizer, labels, sampling, seed, batch_size)
+    images = generate_images(generator, tokenizer, labels, sampling, seed, batch_size, precision)
     array = images.permute(0, 2, 3, 1).numpy()  # [N, H, W, C] uint8
     if png:
         for i, (image, label) in enumerate(zip(array, labels.tolist())):

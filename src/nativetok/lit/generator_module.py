@@ -18,7 +18,8 @@ from torch import Tensor
 from nativetok import __version__
 from nativetok.config.loading import from_container
 from nativetok.lit.ema import EMA
-from nativetok.lit.guards import NonFiniteGuard
+from nativetok.lit.guards import StepGuard, fused_adamw
+from nativetok.lit.loop import grad_scaler, writing_logs
 from nativetok.lit.metrics import PositionLoss
 from nativetok.lit.schedules import warmup_cosine
 from nativetok.models import build_generator, generate
@@ -38,7 +39,8 @@ class GeneratorModule(pl.LightningModule):
         self.ema = EMA(self.generator, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
         self.val_positions = PositionLoss(c.generator.num_tokens)
         self._tokenizer: List[NativeTokenizer] = []  # loaded on first use, kept out of the state dict
-        self.loss_guard = NonFiniteGuard(c.trainer.max_nonfinite_steps)
+        self.loss_guard = StepGuard(c.trainer.max_nonfinite_steps)
+        self._step_loss: Optional[Tensor] = None  # the loss the guard judges before the optimizer step
 
     def configure_model(self) -> None:
         """trainer.compile: compile the generator's training forward (sampling stays eager)."""
@@ -75,9 +77,9 @@ class GeneratorModule(pl.LightningModule):
         for name, p in self.generator.named_parameters():
             (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
         lr = o.lr * (self.cfg.data.batch_size / o.base_batch_size if o.base_batch_size else 1.0)
-        optimizer = torch.optim.AdamW(
+        optimizer = fused_adamw(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=tuple(o.betas), fused=self.device.type in ("cpu", "cuda"),
+            self.device, lr=lr, betas=tuple(o.betas),
         )
         total = self.cfg.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -85,19 +87,32 @@ class GeneratorModule(pl.LightningModule):
         )
         return [optimizer], [{"scheduler": schedule, "interval": "step"}]
 
-    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
+    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
+        """No host sync: a non-finite loss is skipped on the device (`on_before_optimizer_step`), and the
+        scalars are built only on steps whose logs are written."""
         generator = self._generator_for_step()
         labels = self.generator.drop_labels(batch["label"], generator)
         loss, _ = self._loss(self.generator, batch["tokens"], labels, generator)
-        if not self.loss_guard.finite(loss, self.global_step, self.trainer.strategy.reduce_boolean_decision):
-            self.log("train/nonfinite_steps", float(self.loss_guard.total), on_step=True, on_epoch=False)
-            return None  # Lightning skips the optimizer step
-        self.log_dict(
-            {"train/loss": loss.detach(), "train/bits_per_token": loss.detach() / math.log(2)},
-            on_step=True, on_epoch=False,
-        )
+        self._step_loss = loss.detach()
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        if writing_logs(self.trainer):
+            self.log_dict({
+                "train/loss": loss.detach(),
+                "train/bits_per_token": loss.detach() / math.log(2),
+                "train/nonfinite_steps": float(self.loss_guard.check()),
+            }, on_step=True, on_epoch=False)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip (Lightning would refuse to with a fused optimizer under mixed precision) and skip on the device."""
+        norm = self.loss_guard.before_step(
+            optimizer, self._step_loss, self.cfg.optim.grad_clip, grad_scaler(self.trainer), self.global_step
+        )
+        if writing_logs(self.trainer):
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_train_end(self) -> None:
+        self.loss_guard.check()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:

@@ -21,6 +21,8 @@ from typing import Dict, Optional
 
 import pytorch_lightning as pl
 
+from nativetok.lit.loop import writing_logs
+
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -93,8 +95,7 @@ class LastCheckpoint(pl.Callback):
         self._saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        # Any rank may be signalled: all agree to stop at this step (a collective only under DDP).
-        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if self._stop_now(trainer):
             self.save(trainer)
             log.warning("pre-empted at step %d: checkpoint %s written", trainer.global_step, self.folder / LAST)
             job = slurm_job_id()
@@ -103,6 +104,16 @@ class LastCheckpoint(pl.Callback):
             trainer.should_stop = True
         elif self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.save(trainer)
+
+    def _stop_now(self, trainer: pl.Trainer) -> bool:
+        """Whether any rank was signalled. One process decides at every step; under DDP the ranks agree
+        (a collective and a host read) only on steps whose logs are written, which wait for the device
+        anyway: at most log_every_n_steps steps later, well inside SLURM's 90 s notice."""
+        if trainer.world_size == 1:
+            return self.received is not None
+        if not writing_logs(trainer):
+            return False
+        return trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         # Validation (and with it the best-checkpoint callback) need not fall on the last step.

@@ -21,14 +21,16 @@ from nativetok import __version__
 from nativetok.config.loading import from_container
 from nativetok.config.schema import GrowthStage
 from nativetok.lit.ema import EMA
-from nativetok.lit.guards import NonFiniteGuard
+from nativetok.lit.guards import StepGuard, fused_adamw
+from nativetok.lit.loop import grad_scaler, writing_logs
 from nativetok.lit.metrics import CodeUsage
 from nativetok.lit.schedules import warmup_cosine
 from nativetok.losses import LeCam, adaptive_weight, discriminator_hinge_loss, generator_loss, load_lpips, pixel_loss
 from nativetok.models.discriminator import PatchDiscriminator
+from nativetok.models.graphs import EncoderGraph, encoder_key
 from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import code_statistics
-from nativetok.models.tokenizer import NativeTokenizer
+from nativetok.models.tokenizer import NativeTokenizer, TokenizerOutput
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,11 @@ class TokenizerModule(pl.LightningModule):
         # Z and frozen experts' outputs per image view, used in growth stages that freeze the MIT.
         self.prefix_cache = FrozenPrefixCache(int(c.growth.cache_gib * 2**30)) if c.growth.cache_gib > 0 else None
         self.caching = False
-        self.loss_guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "autoencoder loss")
-        self.disc_guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "discriminator loss")
+        self.loss_guard = StepGuard(c.trainer.max_nonfinite_steps, "autoencoder loss")
+        self.disc_guard = StepGuard(c.trainer.max_nonfinite_steps, "discriminator loss")
+        self.restarted: Optional[Tensor] = None  # codes moved by the last dead-code restart (device count)
+        # The encoder (MIT, token producer, quantizer) captured as CUDA graphs for the current HNT stage.
+        self.encoder_graph: Optional[EncoderGraph] = None
 
     def configure_model(self) -> None:
         """trainer.compile: compile the MIT and the decoder (fixed shapes); the experts' growing contexts
@@ -117,10 +122,9 @@ class TokenizerModule(pl.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         decay, no_decay = self._autoencoder_groups()
-        fused = self.device.type in ("cpu", "cuda")  # one kernel for all parameters: 5x faster on CPU too
-        autoencoder = torch.optim.AdamW(
+        autoencoder = fused_adamw(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.scaled_lr(), betas=tuple(o.betas), fused=fused,
+            self.device, lr=self.scaled_lr(), betas=tuple(o.betas),
         )
         total = self.cfg.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -128,9 +132,8 @@ class TokenizerModule(pl.LightningModule):
         )
         optimizers = [autoencoder]
         if self.discriminator is not None:
-            optimizers.append(
-                torch.optim.AdamW(self.discriminator.parameters(), lr=o.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
-            )
+            discriminator = self.discriminator.parameters()
+            optimizers.append(fused_adamw(discriminator, self.device, lr=o.disc_lr, betas=(0.5, 0.9), weight_decay=0.0))
         return optimizers, [{"scheduler": schedule, "interval": "step"}]
 
     def retarget_optimizer(self) -> None:
@@ -179,6 +182,8 @@ class TokenizerModule(pl.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
+        """One autoencoder step (and a discriminator step once the GAN is on), with no host sync:
+        non-finite steps are skipped on the device (`StepGuard`), and logs are built only when written."""
         c = self.cfg
         optimizers = self.optimizers()
         autoencoder, discriminator = optimizers if isinstance(optimizers, list) else (optimizers, None)
@@ -190,7 +195,7 @@ class TokenizerModule(pl.LightningModule):
 
         with self.toggled_optimizer(autoencoder):  # the discriminator's weights take no gradient here
             cache = self.prefix_cache if self.caching else None
-            out = self.tokenizer(images, self._prefix_lengths(images.shape[0]), cache, batch.get("view"))
+            out = self._forward(images, cache, batch.get("view"))
             rec = pixel_loss(out.reconstruction, target, c.loss.pixel)
             nll = c.loss.pixel_weight * rec
             if self._perceptual:
@@ -208,13 +213,11 @@ class TokenizerModule(pl.LightningModule):
                 )
                 loss = loss + c.loss.disc_weight * weight * g_loss
                 logs.update({"train/g_loss": g_loss.detach(), "train/adaptive_weight": weight})
-            if not self.loss_guard.finite(loss, step, self.trainer.strategy.reduce_boolean_decision):
-                self.log("train/nonfinite_steps", float(self.loss_guard.total), on_step=True, on_epoch=False)
-                return loss.detach()
             autoencoder.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            if c.optim.grad_clip > 0:
-                self.clip_gradients(autoencoder, gradient_clip_val=c.optim.grad_clip, gradient_clip_algorithm="norm")
+            grad_norm = self.loss_guard.before_step(
+                autoencoder.optimizer, loss, c.optim.grad_clip, grad_scaler(self.trainer), step
+            )
             autoencoder.step()
         self.lr_schedulers().step()
         if self.ema is not None:
@@ -222,26 +225,48 @@ class TokenizerModule(pl.LightningModule):
         if gan:
             logs.update(self._discriminator_step(discriminator, target, out.reconstruction.detach()))
         self._maintain_codebook(out.ids, out.vectors, step)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        if writing_logs(self.trainer):
+            self._log_step(logs, loss, rec, out, grad_norm, autoencoder, cache)
+        return loss.detach()
 
-        stats = code_statistics(out.ids, c.tokenizer.quantizer.codebook_size)
+    def _forward(self, images: Tensor, cache: Optional[FrozenPrefixCache], views) -> TokenizerOutput:
+        """The tokenizer's forward; the encoder replays a CUDA graph when `trainer.cuda_graphs` is on."""
+        lengths = self._prefix_lengths(images.shape[0])
+        if not (self.cfg.trainer.cuda_graphs and images.is_cuda and cache is None):
+            return self.tokenizer(images, lengths, cache, views)
+        if self.encoder_graph is None or self.encoder_graph.key != encoder_key(self.tokenizer, images):
+            self.encoder_graph = None  # free the old capture's memory before the new one takes its own
+            self.encoder_graph = EncoderGraph(self.tokenizer, images)
+            log.info("encoder captured as CUDA graphs (%d experts active)", self.tokenizer.num_active)
+        return self.tokenizer(images, lengths, encoder=self.encoder_graph)
+
+    def _log_step(self, logs, loss, rec, out, grad_norm, autoencoder, cache) -> None:
+        """The step's scalars, built only on steps whose logs are written (each costs a device read there)."""
+        stats = code_statistics(out.ids, self.cfg.tokenizer.quantizer.codebook_size)
         logs.update({
             "train/loss": loss.detach(),
             "train/rec_loss": rec.detach(),
             "train/quantizer_loss": out.quantizer_loss.detach(),
+            "train/grad_norm": grad_norm,
             "train/codebook_usage": stats["usage"],
             "train/perplexity": stats["perplexity"],
-            "train/lr": torch.tensor(autoencoder.param_groups[0]["lr"]),
-            "growth/experts": torch.tensor(float(self.tokenizer.num_active)),
-            "growth/stage": torch.tensor(float(self.growth_stage)),
+            "train/lr": autoencoder.param_groups[0]["lr"],
+            "train/nonfinite_steps": float(self.loss_guard.check()),
+            "growth/experts": float(self.tokenizer.num_active),
+            "growth/stage": float(self.growth_stage),
         })
+        if self.discriminator is not None:
+            logs["train/d_nonfinite_steps"] = float(self.disc_guard.check())
+        if self.restarted is not None:
+            logs["train/restarted_codes"] = self.restarted.float()
         if cache is not None:
-            logs.update({
-                "growth/cache_hit_rate": torch.tensor(cache.hit_rate),
-                "growth/cache_gib": torch.tensor(cache.bytes / 2**30),
-            })
+            logs.update({"growth/cache_hit_rate": cache.hit_rate, "growth/cache_gib": cache.bytes / 2**30})
         self.log_dict(logs, on_step=True, on_epoch=False)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)
-        return loss.detach()
+
+    def on_train_end(self) -> None:
+        self.loss_guard.check()
+        self.disc_guard.check()
 
     def _discriminator_step(self, optimizer, real: Tensor, fake: Tensor) -> Dict[str, Tensor]:
         with self.toggled_optimizer(optimizer):
@@ -249,10 +274,9 @@ class TokenizerModule(pl.LightningModule):
             d_loss = discriminator_hinge_loss(real_logits, fake_logits)
             if self.lecam is not None:
                 d_loss = d_loss + self.cfg.loss.lecam_weight * self.lecam(real_logits, fake_logits)
-            if not self.disc_guard.finite(d_loss, self.global_step, self.trainer.strategy.reduce_boolean_decision):
-                return {"train/d_nonfinite_steps": torch.tensor(float(self.disc_guard.total))}
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
+            self.disc_guard.before_step(optimizer.optimizer, d_loss, 0.0, grad_scaler(self.trainer), self.global_step)
             # Through the strategy, not LightningOptimizer.step: a discriminator update is not a training step.
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
         return {
@@ -262,18 +286,18 @@ class TokenizerModule(pl.LightningModule):
         }
 
     def _maintain_codebook(self, ids: Tensor, vectors: Tensor, step: int) -> None:
+        """Dead-code restart, decided on the device every after/4 steps (and at step 0: the data-dependent
+        initialisation of the codebook); all ranks see the same gathered codes and draw the same picks."""
         after = self.cfg.tokenizer.quantizer.restart_dead_after
         quantizer = self.tokenizer.quantizer
         if after <= 0 or not quantizer.codebook.requires_grad:
             return
         quantizer.note_usage(self.all_gather(ids).flatten(), step)
-        # Looking for dead codes reads a GPU value (a host sync): only every after/4 steps, and at step 0
-        # (the data-dependent initialisation of the codebook).
-        if step % max(1, after // 4) == 0 and bool((step - quantizer.last_used > after).any()):
+        if step % max(1, after // 4) == 0:
             candidates = self.all_gather(vectors.detach()).reshape(-1, vectors.shape[-1])
-            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-            restarted = quantizer.restart_dead(candidates, step, after, generator)
-            self.log("train/restarted_codes", float(restarted), on_step=True, on_epoch=False)
+            generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + step)
+            finite = None if self.loss_guard.skipped is None else self.loss_guard.skipped == 0
+            self.restarted = quantizer.restart_dead(candidates, step, after, generator, allowed=finite)
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:

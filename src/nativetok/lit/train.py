@@ -11,17 +11,20 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 
 from nativetok.config.loading import ConfigError, to_container, to_yaml
 from nativetok.config.schema import ExperimentConfig
 from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
+from nativetok.lit.loop import progress_bar
 from nativetok.lit.preemption import LAST, PREVIOUS, LastCheckpoint
 
 log = logging.getLogger(__name__)
@@ -79,30 +82,42 @@ def cluster_plugins() -> list:
     return []
 
 
+def precision_settings(config: ExperimentConfig) -> Tuple[Optional[str], list]:
+    """Lightning's `precision` flag and plugins. fp16 autocast gets an explicit plugin with a GradScaler for
+    the device in use, so that it runs (and is tested) on a CPU too: Lightning's flag would quietly turn
+    it into bf16 there. Clipping is the steps' own (`StepGuard`), for every precision."""
+    t = config.trainer
+    if t.precision != "16-mixed":
+        return t.precision, []
+    cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    device = "cuda" if cuda else "cpu"
+    return None, [MixedPrecision("16-mixed", device, torch.amp.GradScaler(device))]
+
+
 def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_dir: Path) -> pl.Trainer:
     t = config.trainer
-    # Stage 1 optimizes manually (autoencoder and discriminator) and clips inside its step.
-    clip = config.optim.grad_clip if config.stage == "generator" and config.optim.grad_clip > 0 else None
+    precision, precision_plugins = precision_settings(config)
+    bar = [progress_bar(t.log_every_n_steps)] if t.progress_bar else []
     return pl.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=make_strategy(config),
-        precision=t.precision,
+        precision=precision,
         val_check_interval=t.val_every_n_steps,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
         deterministic=t.deterministic,
-        gradient_clip_val=clip,
         logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
         callbacks=[
+            *bar,
             *callbacks,
             LastCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, run_dir / "requeue.log"),
         ],
-        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        plugins=[AtomicCheckpointIO(), *precision_plugins, *cluster_plugins()],
         default_root_dir=str(run_dir),
     )
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from nativetok.models.layers import Block, init_weights, learned_positions
-from nativetok.models.quantizer import Quantized, VectorQuantizer
+from nativetok.models.quantizer import Quantized, VectorQuantizer, straight_through
 
 
 class Expert(nn.Module):
@@ -77,34 +77,39 @@ class MixtureOfCausalExperts(nn.Module):
 
         `prefix`: the raw outputs [B, P, code_dim] of experts 0..P-1 for this z, computed earlier (a
         frozen-prefix cache); they are quantized as they are and only experts P..count-1 run.
+        The codebook is normalised once and the quantizer's losses are taken once over all tokens (the
+        mean over tokens of per-token means): the per-expert work is only what the next expert needs.
         """
-        parts = [quantizer(prefix)] if prefix is not None and prefix.shape[1] else []
-        start = parts[0].codes if parts else z.new_zeros(z.shape[0], 0, self.code_dim)
-        parts += [token for _, token in self._run(z, quantizer, start, count)]
-        loss = sum(part.loss * part.ids.shape[1] for part in parts) / count
-        return Quantized(
-            torch.cat([part.codes for part in parts], dim=1),
-            torch.cat([part.ids for part in parts], dim=1),
-            loss,
-            torch.cat([part.inputs for part in parts], dim=1),
-        )
+        codebook = quantizer.normalized_codebook().float()
+        if prefix is not None and prefix.shape[1]:
+            first = quantizer.snap(prefix, codebook)
+            parts = [first + (straight_through(first[0], first[2]).to(z.dtype),)]
+        else:
+            parts = []
+        context = parts[0][3] if parts else z.new_zeros(z.shape[0], 0, self.code_dim)
+        parts += [token for _, token in self._run(z, codebook, quantizer, context, count)]
+        normalised, ids, codes, straight = (torch.cat(column, dim=1) for column in zip(*parts))
+        out = quantizer.finish(normalised, ids, codes, z.dtype)
+        return Quantized(straight, ids, out.loss, out.inputs)
 
     @torch.no_grad()
     def raw_outputs(self, z: Tensor, quantizer: VectorQuantizer, count: int) -> Tensor:
         """What experts 0..count-1 emit before quantization [B, count, code_dim]: a cache's prefix."""
         none = z.new_zeros(z.shape[0], 0, self.code_dim)
-        return torch.cat([none] + [output for output, _ in self._run(z, quantizer, none, count)], dim=1)
+        codebook = quantizer.normalized_codebook().float()
+        return torch.cat([none] + [output for output, _ in self._run(z, codebook, quantizer, none, count)], dim=1)
 
     def _run(
-        self, z: Tensor, quantizer: VectorQuantizer, codes: Tensor, count: int
-    ) -> Iterator[Tuple[Tensor, Quantized]]:
+        self, z: Tensor, codebook: Tensor, quantizer: VectorQuantizer, context: Tensor, count: int
+    ) -> Iterator[Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]]:
         """After the tokens whose codes are given, up to token count-1: each raw output [B, 1, code_dim]
-        and its quantized token, which joins the context of the next expert."""
-        for expert in self.experts[codes.shape[1] : count]:
-            output = expert(z, codes)[:, None]
-            token = quantizer(output)
-            codes = torch.cat([codes, token.codes], dim=1)
-            yield output, token
+        and its token (normalised output, id, code, straight-through code), which joins the context."""
+        for expert in self.experts[context.shape[1] : count]:
+            output = expert(z, context)[:, None]
+            normalised, ids, codes = quantizer.snap(output, codebook)
+            straight = straight_through(normalised, codes).to(z.dtype)
+            context = torch.cat([context, straight], dim=1)
+            yield output, (normalised, ids, codes, straight)
 
     def grow(self, start: int, stop: int, init: str, generator: Optional[torch.Generator] = None) -> None:
         """Bring experts start..stop-1 into use: copies of expert start-1, or freshly initialised.

@@ -7,6 +7,7 @@ Codes that go unused for a while can be moved onto recent encoder outputs (dead-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,31 +43,48 @@ class VectorQuantizer(nn.Module):
         return F.embedding(ids, self.normalized_codebook())
 
     def forward(self, vectors: Tensor) -> Quantized:
+        return self.finish(*self.snap(vectors, self.normalized_codebook().float()), vectors.dtype)
+
+    def snap(self, vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The nearest codes of `codebook` (normalised, float) to `vectors` [..., dim]: (the normalised
+        inputs, ids, codes). Callers that quantize token by token normalise the codebook once."""
         z = F.normalize(vectors.float(), dim=-1)
-        codebook = self.normalized_codebook().float()
-        ids = (z.reshape(-1, self.code_dim) @ codebook.t()).argmax(dim=-1).view(z.shape[:-1])
-        codes = F.embedding(ids, codebook)
+        ids = (z @ codebook.t()).argmax(dim=-1)
+        return z, ids, F.embedding(ids, codebook)
+
+    def finish(self, z: Tensor, ids: Tensor, codes: Tensor, dtype: torch.dtype) -> Quantized:
+        """Codebook and commitment losses over all of `z`, and codes with straight-through gradients."""
         loss = F.mse_loss(codes, z.detach()) + self.commitment * F.mse_loss(z, codes.detach())
-        straight_through = z + (codes - z).detach()
-        return Quantized(straight_through.type_as(vectors), ids, loss, z.detach())
+        return Quantized(straight_through(z, codes).to(dtype), ids, loss, z.detach())
 
     @torch.no_grad()
     def note_usage(self, ids: Tensor, step: int) -> None:
         self.last_used.index_fill_(0, ids.flatten(), step)  # no data-dependent shapes: no host sync
 
     @torch.no_grad()
-    def restart_dead(self, candidates: Tensor, step: int, after: int, generator: torch.Generator) -> int:
+    def restart_dead(
+        self, candidates: Tensor, step: int, after: int, generator: torch.Generator, allowed: Optional[Tensor] = None
+    ) -> Tensor:
         """Move codes unused for more than `after` steps onto random rows of `candidates` [N, dim].
 
-        `generator` must be seeded identically on every rank so that all ranks restart the same codes.
+        Decided on the device (no host sync): every code draws a candidate, dead ones take it; `allowed`
+        (a device boolean) vetoes the whole restart, e.g. when the step's outputs were not finite.
+        `generator` lives on the codebook's device and must be seeded identically on every rank, so that
+        all ranks restart the same codes. Returns how many codes moved, as a device tensor.
         """
-        dead = (step - self.last_used > after).nonzero().flatten()
-        if dead.numel() == 0 or candidates.numel() == 0:
-            return 0
-        picks = torch.randint(len(candidates), (dead.numel(),), generator=generator, device="cpu")
-        self.codebook[dead] = candidates[picks.to(candidates.device)].to(self.codebook.dtype)
-        self.last_used[dead] = step
-        return int(dead.numel())
+        dead = step - self.last_used > after
+        if allowed is not None:
+            dead = dead & allowed
+        picks = torch.randint(len(candidates), (self.codebook_size,), generator=generator, device=candidates.device)
+        replacement = candidates[picks].to(self.codebook.dtype)
+        self.codebook.copy_(torch.where(dead[:, None], replacement, self.codebook))
+        self.last_used.copy_(torch.where(dead, step, self.last_used))
+        return dead.sum()
+
+
+def straight_through(z: Tensor, codes: Tensor) -> Tensor:
+    """The value of `codes` with the gradient of `z`."""
+    return z + (codes - z).detach()
 
 
 def code_statistics(ids: Tensor, codebook_size: int) -> dict[str, Tensor]:

@@ -11,7 +11,7 @@ Kinds (the comparison of the paper, like for like):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -153,13 +153,15 @@ class NativeTokenizer(nn.Module):
         lengths: Optional[Tensor] = None,
         cache: Optional[FrozenPrefixCache] = None,
         views: Optional[Sequence[str]] = None,
+        encoder: Optional[Callable[[Tensor], Quantized]] = None,
     ) -> TokenizerOutput:
         """images in [0, 1] -> reconstruction in about [-1, 1] (decoded from `lengths` tokens per sample).
 
         With a `cache` and one name per image view, Z and the frozen experts' outputs are reused.
+        `encoder` replaces `quantize` (a captured `EncoderGraph` of this tokenizer).
         """
         self.check_images(images)
-        tokens = self.quantize(images * 2 - 1, cache, views)
+        tokens = encoder(images * 2 - 1) if encoder is not None else self.quantize(images * 2 - 1, cache, views)
         reconstruction = self.decoder(tokens.codes, lengths)
         return TokenizerOutput(reconstruction, tokens.ids, tokens.loss, tokens.inputs)
 
@@ -181,7 +183,7 @@ class NativeTokenizer(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.quantizer.codebook_size):
             raise ValueError(f"token ids must be in [0, {self.quantizer.codebook_size})")
         images = self.decoder(self.quantizer.lookup(ids))
-        return ((images + 1) / 2).clamp(0, 1)
+        return ((images.float() + 1) / 2).clamp(0, 1)  # float32 under autocast too
 
     # -- Hierarchical Native Training -------------------------------------------------------------
     def set_active(self, count: int) -> None:

@@ -1,0 +1,55 @@
+"""The tokenizer's encoder captured as CUDA graphs: one replay instead of thousands of kernel launches.
+
+At NativeTok's sizes a GPU step waits on the host, which dispatches every op of 32 sequential experts
+(about 15,000 aten ops a step at L-32 shapes); the FLOPs are not the limit. A CUDA graph records the
+kernels of the encoder's forward and backward once and replays them with one launch each. Its
+conditions, which the encoder meets and the tests check on CPU: fixed shapes (the batch, and per HNT
+stage the number of active experts and what trains), no host synchronisation inside (the quantizer's
+argmax and lookups stay on the device), and weights updated in place (optimizers, dead-code restarts
+and growth all write into the same tensors). A capture is valid for one `key`; its owner captures anew
+when the key changes (a new growth stage, another batch shape or precision).
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from nativetok.models.quantizer import Quantized
+
+
+def encoder_key(tokenizer: nn.Module, images: Tensor) -> Hashable:
+    """What a capture depends on: input shape and type, autocast, the active experts, what trains."""
+    device = images.device.type
+    autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+    trains = tuple(p.requires_grad for p in tokenizer.parameters())
+    return tuple(images.shape), images.dtype, autocast, getattr(tokenizer, "num_active", None), trains
+
+
+class EncoderGraph:
+    """`tokenizer.quantize` (images in [-1, 1] -> quantized tokens) as a CUDA-graphed autograd function.
+
+    Gradients reach the trainable parameters as they would eagerly; the outputs are the graph's static
+    buffers, valid until the next call (a training step uses them before the next step begins).
+    """
+
+    def __init__(self, tokenizer: nn.Module, images: Tensor):
+        if not images.is_cuda:
+            raise ValueError("CUDA graphs need the tokenizer and its images on a CUDA device")
+        self.key = encoder_key(tokenizer, images)
+        self.params: Tuple[nn.Parameter, ...] = tuple(p for p in tokenizer.parameters() if p.requires_grad)
+
+        def encode(images: Tensor, *params: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            # The parameters are inputs only so that the graph returns their gradients; the
+            # tokenizer reads the very same tensors.
+            tokens = tokenizer.quantize(images)
+            return tokens.codes, tokens.loss, tokens.ids, tokens.inputs
+
+        sample = (images.detach().clone(), *self.params)
+        self._graphed = torch.cuda.make_graphed_callables(encode, sample, allow_unused_input=True)
+
+    def __call__(self, images: Tensor) -> Quantized:
+        codes, loss, ids, inputs = self._graphed(images, *self.params)
+        return Quantized(codes, ids, loss, inputs)
