@@ -39,7 +39,8 @@ DRY_RUN ?=
 SLURM_ARGS = --nodes $(NODES) --gpus $(GPUS) --cpus-per-task $(CPUS) --time $(TIME) \
 	$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup data shards-imagenet train-stage1 tokenize train-stage2 sample eval-fid compare bench slurm-stage1 slurm-stage2 \
+.PHONY: help setup data shards-imagenet train-stage1 tokenize train-stage2 sample eval-fid compare bench bench-gpu \
+	gpu-bundle slurm-stage1 slurm-stage2 \
 	test test-all lint clean
 
 help:  ## list the targets
@@ -97,8 +98,23 @@ eval-fid: | $(STAMP)  ## rFID/KID of CKPT (a tokenizer) and, with GEN=..., gFID/
 compare: $(FMNIST)  ## NativeTok vs parallel vs causal-mask tokens with the same AR generator (PRESET=default|full)
 	$(NATIVETOK) compare --preset $(PRESET)
 
-bench: | $(FMNIST)  ## speed and memory as ratios (NativeTok vs parallel, growth, MFU, KV cache, data); runs/bench/
-	$(BIN)/python -m nativetok.bench --out runs/bench/bench.json
+bench: | $(FMNIST)  ## speed and memory as ratios (NativeTok vs parallel, growth, MFU, KV cache, ops, data); runs/bench/
+	$(NATIVETOK) bench --device cpu --out runs/bench/bench.json
+
+bench-gpu: | $(STAMP)  ## the GPU table on one CUDA device (about 5 minutes on an H200); runs/bench/bench_gpu.md
+	$(NATIVETOK) bench --device cuda --out runs/bench/bench_gpu.json
+
+# A GPU machine whose Python has torch, Lightning, torchmetrics and tensorboard but cannot install anything:
+# carry this folder there and run scripts/gpu-check (see README, "On a GPU machine without a package index").
+GPU_BUNDLE ?= .gpu-bundle
+GPU_DEPS := webdataset braceexpand omegaconf torch_fidelity
+
+gpu-bundle: | $(STAMP)  ## the pure-Python dependencies and Fashion-MNIST IDX files, for a GPU machine without pip
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/site $(GPU_BUNDLE)/fmnist
+	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+		for m in $(GPU_DEPS); do cp -r $$site/$$m $(GPU_BUNDLE)/site/; done
+	cp $(FMNIST_DEBIAN)/*-ubyte.gz $(GPU_BUNDLE)/fmnist/
+	@du -sh $(GPU_BUNDLE)
 
 slurm-stage1: | $(STAMP)  ## submit stage 1 to SLURM: EXP, NODES, GPUS, CPUS, TIME, PARTITION, ACCOUNT, DRY_RUN=1
 	$(NATIVETOK) submit $(EXP) $(ARGS) $(SLURM_ARGS)

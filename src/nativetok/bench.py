@@ -27,9 +27,13 @@ from torch import Tensor
 
 from nativetok.config import load_config
 from nativetok.config.schema import TokenizerConfig
+from nativetok.lit.guards import StepGuard
 from nativetok.models import ARGenerator, NativeTokenizer
 from nativetok.models.mocet import MixtureOfCausalExperts
 from nativetok.models.prefix_cache import FrozenPrefixCache
+from nativetok.models.quantizer import Quantized
+from nativetok.models.sampling import dispatch_cost_per_token
+from nativetok.profiling import DispatchCounter
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +85,81 @@ def images_for(tokenizer: NativeTokenizer, batch: int) -> Tensor:
 
 
 def train_step(
-    tokenizer: NativeTokenizer, images: Tensor, precision: str = "fp32", cache: Optional[FrozenPrefixCache] = None
+    tokenizer: NativeTokenizer,
+    images: Tensor,
+    precision: str = "fp32",
+    cache: Optional[FrozenPrefixCache] = None,
+    encoder: Optional[Callable[[Tensor], Quantized]] = None,
 ) -> Callable[[], None]:
-    """One stage-1 step: encode, quantize, decode, pixel + quantizer losses, backward, fused AdamW.
+    """One stage-1 step as the shipped one: encode, quantize, decode, pixel + quantizer losses, backward,
+    clipping and the device-side skip of non-finite steps (`StepGuard`), fused AdamW.
 
-    With a prefix cache, the images are the same views at every step (after the first, all hits)."""
+    With a prefix cache, the images are the same views at every step (after the first, all hits);
+    `encoder` stands in for the tokenizer's encoder (as a captured graph would)."""
     params = [p for p in tokenizer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    guard = StepGuard(limit=10)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     views = [f"image{i}" for i in range(len(images))] if cache is not None else None
 
     def step() -> None:
         with autocast():
-            out = tokenizer(images, cache=cache, views=views)
+            out = tokenizer(images, cache=cache, views=views, encoder=encoder)
             loss = F.mse_loss(out.reconstruction.float(), images * 2 - 1) + out.quantizer_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        guard.before_step(optimizer, loss, clip=1.0)
         optimizer.step()
 
     return step
+
+
+def ops_probe(experiment: str, kind: str, batch: int) -> None:
+    """In a fresh process: the aten ops one training step dispatches (each one host-side work on a GPU),
+    eager and with the encoder captured as CUDA graphs, and its host syncs; printed as JSON.
+
+    The captured count is measured, not estimated, for what stays eager (decoder, losses, their backward,
+    clipping, optimizer), with the encoder's outputs standing in; the graph adds two replays (forward,
+    backward), one copy of the images into its input, and one gradient accumulation per trainable
+    encoder parameter."""
+    tokenizer = build(experiment, kind)
+    images = images_for(tokenizer, batch)
+    step = train_step(tokenizer, images)
+    step()  # the optimizer's state exists from here on, as in every later step
+    with DispatchCounter() as eager:
+        step()
+    tokens = tokenizer.quantize(images * 2 - 1)
+    stand_in = Quantized(tokens.codes.detach().requires_grad_(), tokens.ids, tokens.loss.detach().requires_grad_(),
+                         tokens.inputs)
+    decoder = {id(p) for p in tokenizer.decoder.parameters()}
+    encoder_params = sum(1 for p in tokenizer.parameters() if p.requires_grad and id(p) not in decoder)
+    rest = train_step(tokenizer, images, encoder=lambda _: stand_in)
+    rest()
+    with DispatchCounter() as outside:
+        rest()
+    print(json.dumps({
+        "eager": eager.total, "matmuls": eager.matmuls(), "syncs": sum(eager.syncs.values()),
+        "host_data": sum(eager.host_data.values()), "captured": outside.total + 2 + 1 + encoder_params,
+    }))
+
+
+def row_dispatch(experiment: str, label: str, batch: int) -> List[Row]:
+    """What sets a GPU step's time at these sizes: ops dispatched by the host, and host syncs."""
+    native = run_probe("ops_probe", experiment, "nativetok", batch)
+    parallel = run_probe("ops_probe", experiment, "parallel", batch)
+    return [
+        Row(f"8. aten ops per training step, NativeTok / parallel, eager ({label})",
+            native["eager"] / parallel["eager"],
+            detail=f"{native['eager']:,} vs {parallel['eager']:,} ops ({native['matmuls']:,} vs "
+                   f"{parallel['matmuls']:,} matmuls)"),
+        Row(f"   the same with the encoder captured as CUDA graphs ({label})",
+            native["captured"] / parallel["captured"],
+            detail=f"{native['captured']:,} vs {parallel['captured']:,} host-side ops; NativeTok captured / eager "
+                   f"{native['captured'] / native['eager']:.2f}"),
+        Row(f"9. host syncs + tensors from host data in a training step ({label})",
+            native["syncs"] + native["host_data"] + parallel["syncs"] + parallel["host_data"], unit="",
+            target="<= 0", detail="NativeTok and parallel steps, DispatchCounter").check(),
+    ]
 
 
 # -- a straightforward MoCET, kept as the reference the optimised one must match ------------------------
@@ -246,6 +306,16 @@ def row_ar_sampling(repeats: int) -> List[Row]:
                         target=">= 4" if length == 128 else None,
                         detail=f"{8 * length / t_cache:.0f} vs {8 * length / t_full:.0f} tokens/s; "
                                f"identical tokens: {identical}").check())
+    per_call = {}
+    for length in (32, 64):
+        torch.manual_seed(0)
+        cost = dispatch_cost_per_token(ARGenerator(4096, length, 10, width=256, depth=4, heads=4).eval(), batch=8)
+        per_call[length] = {k: v * length for k, v in cost.items()}
+    growth = {k: per_call[64][k] - per_call[32][k] for k in per_call[64]}
+    rows.append(Row("10. AR sampler: host syncs + tensors from host data per generated token (depth 4, CFG 2)",
+                    (growth["syncs"] + growth["host_data"]) / 32, unit="", target="<= 0",
+                    detail=f"per call: {per_call[64]['syncs']:.0f} sync (the labels' check) whatever the length; "
+                           f"{growth['ops'] / 32:.0f} aten ops per token position").check())
     for length, peer in ((64, 59), (144, 81)):
         torch.manual_seed(0)
         model = ARGenerator(4096, length, 1000, width=768, depth=12, heads=12).eval()
@@ -420,6 +490,7 @@ def run(out: Path, repeats: int = 3, quick: bool = False) -> List[Row]:
         # Each row builds its own model and frees it: at L-32 sizes two would not fit in memory. The rows
         # that need a fresh process (steps, memory) run first, while this process is still small.
         rows.append(row_memory(experiment, label, batch))
+        rows += row_dispatch(experiment, label, batch)
         rows.append(row_train_ratio(experiment, label, batch, repeats, "<= 1.10" if big else None))
         rows += row_growth_ratio(experiment, label, batch, repeats, "<= 0.5" if big else None)
         _report(rows, out)

@@ -42,6 +42,18 @@ def _config(args: argparse.Namespace) -> None:
     print(to_yaml(load_config(args.experiment, args.overrides)), end="")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    if args.device == "cpu":
+        from nativetok.bench import main as bench_main
+
+        bench_main(["--out", args.out or "runs/bench/bench.json"] + (["--quick"] if args.quick else []))
+    else:
+        from nativetok.bench_gpu import main as bench_gpu_main
+
+        bench_gpu_main(["--device", args.device, "--out", args.out or "runs/bench/bench_gpu.json"]
+                       + (["--quick"] if args.quick else []))
+
+
 def _train(args: argparse.Namespace) -> None:
     from nativetok.config import load_config
 
@@ -216,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--venv", default=".venv", help="virtual environment the job activates")
     submit.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     submit.set_defaults(func=_submit)
+
+    bench = commands.add_parser("bench", help="speed and memory as ratios measured in one run (CPU or GPU table)")
+    bench.add_argument("--device", default="cpu", help="cpu: `make bench`; cuda: `make bench-gpu`")
+    bench.add_argument("--out", default=None, help="JSON file (a .md table beside it); default runs/bench/")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes only")
+    bench.set_defaults(func=_bench)
 
     config = commands.add_parser("config", help="print the resolved, checked config of an experiment")
     config.add_argument("experiment")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from nativetok.config.schema import GeneratorConfig, SamplingConfig
 from nativetok.models.ar import ARGenerator
+from nativetok.models.graphs import Compile
 from nativetok.models.maskgit import MaskGITGenerator
 from nativetok.models.tokenizer import NativeTokenizer
 
@@ -29,10 +32,19 @@ def build_generator(config: GeneratorConfig, num_classes: int) -> ARGenerator | 
 
 
 def generate(
-    generator: ARGenerator | MaskGITGenerator, labels: torch.Tensor, sampling: SamplingConfig, seed: int
+    generator: ARGenerator | MaskGITGenerator,
+    labels: torch.Tensor,
+    sampling: SamplingConfig,
+    seed: int,
+    graph: Optional[bool] = None,
+    compile: Compile = False,
 ) -> torch.Tensor:
-    """Token ids for `labels` with the sampling settings that apply to the generator's kind."""
-    common = dict(cfg_scale=sampling.cfg_scale, cfg_schedule=sampling.cfg_schedule, temperature=sampling.temperature)
+    """Token ids for `labels` with the sampling settings that apply to the generator's kind.
+
+    `graph` (None: on CUDA) and `compile` choose how each fixed-shape step runs; they never change the tokens.
+    """
+    common = dict(cfg_scale=sampling.cfg_scale, cfg_schedule=sampling.cfg_schedule, temperature=sampling.temperature,
+                  graph=graph, compile=compile)
     if isinstance(generator, MaskGITGenerator):
         return generator.sample(
             labels, steps=sampling.steps, choice_temperature=sampling.choice_temperature, seed=seed, **common

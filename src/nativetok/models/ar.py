@@ -1,8 +1,10 @@
 """Autoregressive class-conditional generator over token sequences (LlamaGen-style).
 
 RMSNorm, rotary positions, SwiGLU MLPs (the shared transformer block), a class embedding as the first
-position with a null class for classifier-free guidance, and sampling with a KV cache: the conditional
-and unconditional halves run as one batch and their logits are mixed at every step.
+position with a null class for classifier-free guidance. Sampling decodes one position per step with a static
+KV cache: every step has the same shapes and reads its position from a device tensor, so on CUDA one recorded
+CUDA graph replays every step (or torch.compile compiles the step once). The conditional and unconditional
+halves run as one batch; mixing their logits and drawing tokens stay eager, outside the graph.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nativetok.models.graphs import Compile, FixedShapeStep
 from nativetok.models.layers import Block, KVCache, RMSNorm, Rotary, init_weights
-from nativetok.models.sampling import ClassConditional, draw, guidance_scale, guide
+from nativetok.models.sampling import ClassConditional, draw, guidance_scale, guide, step_key
 
 
 class ARGenerator(ClassConditional):
@@ -42,17 +45,18 @@ class ARGenerator(ClassConditional):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.class_embed.weight, std=0.02)
 
-    def _run(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+    def _run(self, x: Tensor, **attention) -> Tensor:
         for layer, block in enumerate(self.blocks):
-            x = block(x, causal=True, rotary=self.rotary, cache=cache, layer=layer)
-        if cache is not None:
-            cache.length += x.shape[1]
+            x = block(x, layer=layer, **attention)
         return self.head(self.norm(x))
+
+    def _causal(self, x: Tensor) -> Tensor:
+        """Logits at every position of the embedded sequence x [B, T, W] (positions 0..T-1)."""
+        return self._run(x, causal=True, rotary=self.rotary.tables(slice(0, x.shape[1])))
 
     def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """Teacher forcing: logits [B, K, V] where position i predicts token i from the class and tokens < i."""
-        x = torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens[:, :-1])], dim=1)
-        return self._run(x)
+        return self._causal(torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens[:, :-1])], dim=1))
 
     def loss(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Mean cross-entropy (nats per token) and its value at each position [K]."""
@@ -60,6 +64,31 @@ class ARGenerator(ClassConditional):
         per_token = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")
         per_position = per_token.view(tokens.shape).mean(0)
         return per_position.mean(), per_position
+
+    def decode_step(self, x: Tensor, cache: KVCache) -> Tensor:
+        """Logits [rows, V] of the token that follows x [rows, 1, W], the embedding at position `cache.position`.
+
+        Stores that position's keys and values and attends over the whole cache, masked after the position: the
+        shapes never depend on the position. Rotary tables are cast once here, not in every layer.
+        """
+        dtype = cache.keys[0].dtype
+        cos, sin = self.rotary.tables(cache.position)
+        return self._run(x, mask=cache.mask(), rotary=(cos.to(dtype), sin.to(dtype)), cache=cache)[:, 0]
+
+    def _decoder(self, rows: Tensor, graph: Optional[bool], compile: Compile) -> tuple[FixedShapeStep, KVCache]:
+        """The decode step for `rows` rows with its static KV cache, made once per rows count, autocast state,
+        graph and compile setting (and kept until the parameters move)."""
+        key = step_key(rows.device, len(rows), graph, compile)
+
+        def build() -> tuple[FixedShapeStep, KVCache]:
+            width = self.token_embed.embedding_dim
+            cache = KVCache.allocate(len(self.blocks), len(rows), self.heads, self.num_tokens, width // self.heads,
+                                     rows.device, key.autocast or self.token_embed.weight.dtype)
+            example = self.class_embed(rows)[:, None]
+            step = FixedShapeStep(self.decode_step, [example], graph=key.graph, compile=compile, state=(cache,))
+            return step, cache
+
+        return self.sampling_step(key, build)
 
     @torch.no_grad()
     def sample(
@@ -72,29 +101,33 @@ class ARGenerator(ClassConditional):
         top_p: float = 1.0,
         seed: int = 0,
         use_cache: bool = True,
+        graph: Optional[bool] = None,
+        compile: Compile = False,
     ) -> Tensor:
         """Token ids [B, K] for class `labels` [B]; the same seed gives the same tokens.
 
         `use_cache=False` recomputes the whole prefix at every step (the reference the KV cache must match).
+        `graph` replays the decode step from a CUDA graph (None: on CUDA); `compile` compiles it (True, or
+        torch.compile options such as {"backend": "aot_eager"}). A graph replays the eager kernels and gives
+        the same tokens; so does compiled code that keeps eager's rounding (aot_eager; inductor may fuse).
         """
         rows, guided = self.sampling_rows(labels, cfg_scale, cfg_schedule)
         generator = torch.Generator(device=labels.device).manual_seed(seed)
-        width = self.token_embed.embedding_dim
-        cache = (
-            KVCache(len(self.blocks), len(rows), self.heads, self.num_tokens, width // self.heads,
-                    labels.device, self.token_embed.weight.dtype)
-            if use_cache
-            else None
-        )
-        step_input = prefix = self.class_embed(rows)[:, None]
+        if use_cache:
+            step, cache = self._decoder(rows, graph, compile)
+        x = prefix = self.class_embed(rows)[:, None]
         out = []
         for i in range(self.num_tokens):
-            logits = self._run(step_input, cache)[:, -1] if use_cache else self._run(prefix)[:, -1]
+            if use_cache:
+                cache.position.fill_(i)
+                logits = step(x)
+            else:
+                logits = self._causal(prefix)[:, -1]
             if guided:
                 logits = guide(logits, guidance_scale(cfg_scale, cfg_schedule, (i + 1) / self.num_tokens))
             token = draw(logits, temperature, top_k, top_p, generator)
             out.append(token)
-            step_input = self.token_embed(torch.cat([token, token]) if guided else token)[:, None]
+            x = self.token_embed(torch.cat([token, token]) if guided else token)[:, None]
             if not use_cache:
-                prefix = torch.cat([prefix, step_input], dim=1)
+                prefix = torch.cat([prefix, x], dim=1)
         return torch.stack(out, dim=1)

@@ -12,7 +12,7 @@ when the key changes (a new growth stage, another batch shape or precision).
 
 from __future__ import annotations
 
-from typing import Hashable, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,10 @@ class EncoderGraph:
         if not images.is_cuda:
             raise ValueError("CUDA graphs need the tokenizer and its images on a CUDA device")
         self.key = encoder_key(tokenizer, images)
-        self.params: Tuple[nn.Parameter, ...] = tuple(p for p in tokenizer.parameters() if p.requires_grad)
+        decoder = {id(p) for p in tokenizer.decoder.parameters()}
+        self.params: Tuple[nn.Parameter, ...] = tuple(
+            p for p in tokenizer.parameters() if p.requires_grad and id(p) not in decoder
+        )
 
         def encode(images: Tensor, *params: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
             # The parameters are inputs only so that the graph returns their gradients; the
@@ -53,3 +56,53 @@ class EncoderGraph:
     def __call__(self, images: Tensor) -> Quantized:
         codes, loss, ids, inputs = self._graphed(images, *self.params)
         return Quantized(codes, ids, loss, inputs)
+
+
+Compile = Union[bool, Dict[str, Any]]
+
+
+class FixedShapeStep:
+    """`fn(*inputs, *state)` for inputs whose shapes never change: run eagerly, compiled whole (`compile`: True,
+    or the options of torch.compile, e.g. {"backend": "aot_eager"}), and/or recorded once in a CUDA graph
+    (`graph`) that each call replays after copying the inputs into the graph's own. `state` (e.g. a KV cache)
+    is the same tensors at every call; passing it as arguments lets compiled code serve any model and cache of
+    the same shapes. A replay returns the same output tensor every time: use it before the next call."""
+
+    def __init__(
+        self, fn: Callable[..., Tensor], example_inputs: Sequence[Tensor], graph: bool, compile: Compile, state=()
+    ):
+        if compile:
+            fn = torch.compile(fn, fullgraph=True, **({} if compile is True else compile))
+        self.run = lambda *inputs: fn(*inputs, *state)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        if graph:
+            self.inputs = [t.clone() for t in example_inputs]
+            self.graph, self.output = record_cuda_graph(self.run, self.inputs)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        if self.graph is None:
+            return self.run(*inputs)
+        for recorded, given in zip(self.inputs, inputs):
+            recorded.copy_(given)
+        self.graph.replay()
+        return self.output
+
+
+def record_cuda_graph(fn: Callable[..., Tensor], inputs: Sequence[Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Warm `fn` up on a side stream, then record one call on it (the recipe of the torch.cuda.graphs docs).
+
+    Autocast keeps its state but not its cast cache: cached casts would be freed while the graph uses them.
+    """
+    device = inputs[0].device
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                              enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+    with torch.cuda.device(device), torch.cuda.stream(stream), autocast:
+        for _ in range(3):
+            fn(*inputs)
+        with torch.cuda.graph(graph, stream=stream):
+            output = fn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return graph, output

@@ -4,13 +4,15 @@ Pre-norm residual block: attention through `scaled_dot_product_attention`, then 
 with LayerNorm or RMSNorm. Two options serve the models' special needs:
 - `last=n` computes only the last n positions as queries (keys and values still come from all positions):
   an expert only needs its output at the query position, so its last layer is computed there alone.
-- `cache` (a `KVCache`) keeps keys and values of earlier positions for autoregressive sampling.
+- `rotary` (cos and sin tables from `Rotary.tables`) rotates queries and keys by their positions, and `cache`
+  (a `KVCache`) stores the keys and values of one decoding position and attends over all of them, under the
+  caller's `mask`: every decoding step then has the same shapes (what CUDA graphs and torch.compile need).
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,38 +39,61 @@ def make_norm(kind: str, dim: int) -> nn.Module:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables (cos, sin) for positions 0..length-1, applied to q and k."""
+    """Rotary position embedding over interleaved (even, odd) pairs of channels, as tables for positions
+    0..length-1: `cos` holds each pair's cosine twice and `sin` its sine signed (-, +), so that a rotation is a
+    flip and three elementwise ops (`rotate_pairs`) rather than a split, four products, two sums and a stack."""
 
     def __init__(self, head_dim: int, length: int, base: float = 10000.0):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         angles = torch.outer(torch.arange(length).float(), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos().repeat_interleave(2, dim=-1), persistent=False)
+        self.register_buffer("sin", torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2), persistent=False)
 
-    def rotate(self, x: Tensor, start: int) -> Tensor:
-        """x: [B, H, T, Dh] at positions start..start+T-1."""
-        length = x.shape[-2]
-        cos = self.cos[start : start + length].to(x.dtype)
-        sin = self.sin[start : start + length].to(x.dtype)
-        even, odd = x[..., 0::2], x[..., 1::2]
-        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    def tables(self, positions: Tensor | slice) -> tuple[Tensor, Tensor]:
+        """cos and sin [T, Dh] at `positions` (a slice, or a long tensor on the device: no host sync)."""
+        return self.cos[positions], self.sin[positions]
 
 
-class KVCache:
-    """Keys and values of every layer for positions already seen, preallocated for `length` positions."""
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (even, odd) channel pair of x [..., T, Dh] by the angles of `Rotary.tables` [T, Dh].
 
-    def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, device, dtype):
-        shape = (batch, heads, length, head_dim)
-        self.keys: List[Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.values: List[Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.length = 0  # positions stored so far (advanced by the model after each forward)
+    Per pair (a, b): (a cos - b sin, a sin + b cos), rounded op by op exactly like the split-and-stack form.
+    """
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) in place of each (a, b)
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys and values [rows, heads, length, head_dim] of every layer, preallocated for a whole sequence, and the
+    position that the next decoding step writes: a long tensor [1] on the device that the sampling loop sets in
+    place, so that no step depends on a Python number (one CUDA graph, one compiled graph serve every step)."""
+
+    keys: List[Tensor]
+    values: List[Tensor]
+    position: Tensor
+    causal: Tensor  # additive attention masks [length, length]: row p is 0 up to p and -inf after it
+
+    @classmethod
+    def allocate(cls, layers: int, rows: int, heads: int, length: int, head_dim: int, device, dtype) -> "KVCache":
+        shape = (rows, heads, length, head_dim)
+        later = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+        return cls(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
+            torch.zeros(1, dtype=torch.long, device=device),
+            torch.zeros(length, length, device=device, dtype=dtype).masked_fill_(later, float("-inf")),
+        )
+
+    def mask(self) -> Tensor:
+        """The attention mask [1, length] of the step at `position`: it sees the positions written so far."""
+        return self.causal.index_select(0, self.position)
 
     def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.length + k.shape[-2]
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        """Write one position's k, v [rows, heads, 1, head_dim]; return the layer's whole keys and values."""
+        self.keys[layer].index_copy_(2, self.position, k)
+        self.values[layer].index_copy_(2, self.position, v)
+        return self.keys[layer], self.values[layer]
 
 
 class Attention(nn.Module):
@@ -87,7 +112,7 @@ class Attention(nn.Module):
         mask: Optional[Tensor] = None,
         causal: bool = False,
         last: Optional[int] = None,
-        rotary: Optional[Rotary] = None,
+        rotary: Optional[tuple[Tensor, Tensor]] = None,
         cache: Optional[KVCache] = None,
         layer: int = 0,
     ) -> Tensor:
@@ -101,9 +126,10 @@ class Attention(nn.Module):
             q = F.linear(x[:, -last:], w_q, b_q).view(batch, last, self.heads, head_dim).transpose(1, 2)
             k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
         if rotary is not None:
-            start = cache.length if cache is not None else 0
-            k = rotary.rotate(k, start)
-            q = rotary.rotate(q, start + length - q.shape[-2])
+            cos, sin = rotary
+            k = rotate_pairs(k, cos, sin)
+            queries = q.shape[-2]
+            q = rotate_pairs(q, cos, sin) if queries == length else rotate_pairs(q, cos[-queries:], sin[-queries:])
         if cache is not None:
             k, v = cache.store(layer, k, v)
         # A causal mask over a query block that is shorter than the keys must be offset: SDPA's
@@ -162,7 +188,7 @@ class Block(nn.Module):
         mask: Optional[Tensor] = None,
         causal: bool = False,
         last: Optional[int] = None,
-        rotary: Optional[Rotary] = None,
+        rotary: Optional[tuple[Tensor, Tensor]] = None,
         cache: Optional[KVCache] = None,
         layer: int = 0,
     ) -> Tensor:

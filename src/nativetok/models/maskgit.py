@@ -2,11 +2,13 @@
 
 Training masks a random fraction of the tokens drawn from the mask schedule and predicts them.
 Sampling starts fully masked and, over a few steps, keeps the most confident predictions; the number
-still masked after step t follows the schedule, so the last step leaves none.
+still masked after step t follows the schedule, so the last step leaves none. Every step is a forward pass
+of the same shapes and waits for nothing on the host, so on CUDA it replays one recorded CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional
 
@@ -14,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nativetok.models.graphs import Compile, FixedShapeStep
 from nativetok.models.layers import Block, RMSNorm, init_weights, learned_positions
-from nativetok.models.sampling import ClassConditional, draw, guidance_scale, guide
+from nativetok.models.sampling import ClassConditional, draw, guidance_scale, guide, step_key
 
 MASK_SCHEDULES = ("cosine", "arccos", "linear")
 
@@ -41,6 +44,12 @@ def masked_after_step(num_tokens: int, steps: int, schedule: str) -> List[int]:
         counts.append(max(target, 0))
         previous = counts[-1]
     return counts
+
+
+@functools.lru_cache(maxsize=64)
+def cached_schedule(num_tokens: int, steps: int, schedule: str) -> tuple[int, ...]:
+    """`masked_after_step`, computed once per setting: its float32 arithmetic runs in torch on the host."""
+    return tuple(masked_after_step(num_tokens, steps, schedule))
 
 
 class MaskGITGenerator(ClassConditional):
@@ -101,6 +110,17 @@ class MaskGITGenerator(ClassConditional):
         per_position = (per_token * masked).sum(0) / masked.sum(0).clamp_min(1)
         return (per_token * masked).sum() / masked.sum(), per_position
 
+    def _forward_step(self, rows: Tensor, graph: Optional[bool], compile: Compile) -> FixedShapeStep:
+        """The forward pass over ids [rows, K] for the class `rows`, made once per rows count, autocast state,
+        graph and compile setting (and kept until the parameters move)."""
+        key = step_key(rows.device, len(rows), graph, compile)
+
+        def build() -> FixedShapeStep:
+            example = (torch.full((len(rows), self.num_tokens), self.mask_id, device=rows.device), rows)
+            return FixedShapeStep(self.forward, example, graph=key.graph, compile=compile)
+
+        return self.sampling_step(key, build)
+
     @torch.no_grad()
     def sample(
         self,
@@ -112,18 +132,24 @@ class MaskGITGenerator(ClassConditional):
         choice_temperature: float = 4.5,
         seed: int = 0,
         return_steps: bool = False,
+        graph: Optional[bool] = None,
+        compile: Compile = False,
     ):
         """Token ids [B, K] in `steps` parallel decoding steps (and the partly masked ids after each step).
 
         Which predictions are kept is decided by their probability plus Gumbel noise whose temperature
-        anneals linearly from `choice_temperature` to 0 over the steps.
+        anneals linearly from `choice_temperature` to 0 over the steps. `graph` replays the forward pass from a
+        CUDA graph (None: on CUDA); `compile` compiles it (True, or torch.compile options such as
+        {"backend": "aot_eager"}). A graph replays the eager kernels and gives the same tokens; so does
+        compiled code that keeps eager's rounding (aot_eager; inductor may fuse).
         """
         rows, guided = self.sampling_rows(labels, cfg_scale, cfg_schedule)
         generator = torch.Generator(device=labels.device).manual_seed(seed)
+        forward = self._forward_step(rows, graph, compile)
         ids = torch.full((len(labels), self.num_tokens), self.mask_id, device=labels.device)
         history = []
-        for t, keep_masked in enumerate(masked_after_step(self.num_tokens, steps, self.schedule)):
-            logits = self(torch.cat([ids, ids]) if guided else ids, rows)
+        for t, keep_masked in enumerate(cached_schedule(self.num_tokens, steps, self.schedule)):
+            logits = forward(torch.cat([ids, ids]) if guided else ids, rows)
             if guided:
                 logits = guide(logits, guidance_scale(cfg_scale, cfg_schedule, (t + 1) / steps))
             unknown = ids == self.mask_id
@@ -135,6 +161,7 @@ class MaskGITGenerator(ClassConditional):
             confidence = probs.clamp_min(1e-30).log() + choice_temperature * (1 - (t + 1) / steps) * noise
             confidence = confidence.masked_fill(~unknown, float("inf"))  # decided tokens stay decided
             rank = confidence.argsort(dim=1).argsort(dim=1)
-            ids = torch.where(rank < keep_masked, torch.full_like(ids, self.mask_id), drawn)
-            history.append(ids.clone())
+            ids = drawn.masked_fill(rank < keep_masked, self.mask_id)
+            if return_steps:
+                history.append(ids)
         return (ids, history) if return_steps else ids

@@ -1,13 +1,19 @@
 """Shared pieces of class-conditional generation: the class embedding with its null class, guidance,
-and drawing tokens from logits."""
+drawing tokens from logits, and the fixed-shape model steps that sampling loops run (eager, compiled, or
+replayed from a CUDA graph), with what they cost the host."""
 
 from __future__ import annotations
 
-from typing import Optional
+import statistics
+import time
+from typing import Any, Callable, Dict, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nativetok.models.graphs import Compile
+from nativetok.profiling import DispatchCounter
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
 
@@ -23,6 +29,8 @@ class ClassConditional(nn.Module):
         self.num_classes = num_classes
         self.class_dropout = class_dropout
         self.class_embed = nn.Embedding(num_classes + 1, width)
+        self._steps: Dict[StepKey, Any] = {}
+        self._steps_parameters: Optional[tuple] = None
 
     @property
     def null_class(self) -> int:
@@ -41,11 +49,25 @@ class ClassConditional(nn.Module):
         Guidance runs whenever it can change the result (scale != 1 or a schedule): the conditional rows
         then have, below them, the same rows with the null class.
         """
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):  # the one host sync of a sampling call
             raise ValueError(f"class ids must be in [0, {self.num_classes}), got {labels.tolist()}")
         guided = cfg_scale != 1.0 or cfg_schedule != "constant"
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         return rows, guided
+
+    def sampling_step(self, key: StepKey, build: Callable[[], Any]) -> Any:
+        """The step `build` makes for `key`, kept on the module (CUDA graphs and compiled code are costly to make)
+        for as long as the parameters are the same tensors: moving or converting the module drops them all."""
+        parameters = tuple((p.device, p.dtype, p.data_ptr()) for p in self.parameters())
+        if parameters != self._steps_parameters:
+            self._steps, self._steps_parameters = {}, parameters
+        if key not in self._steps:
+            self._steps[key] = build()
+        return self._steps[key]
+
+    def __getstate__(self):
+        """Copies and pickles leave the sampling steps (CUDA graphs, compiled code) behind."""
+        return {**super().__getstate__(), "_steps": {}, "_steps_parameters": None}
 
 
 def guidance_scale(scale: float, schedule: str, progress: float) -> float:
@@ -87,8 +109,75 @@ def draw(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """One token per row of logits [N, V] (argmax at temperature 0)."""
+    """One token per row of logits [N, V] (argmax at temperature 0).
+
+    The exponential race that `torch.multinomial` runs for one sample (argmax of p / q, q ~ Exp(1)): the same
+    tokens for the same generator state, without multinomial's validation of p, which waits for the GPU.
+    """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+class StepKey(NamedTuple):
+    """What a fixed-shape sampling step depends on besides the parameters."""
+
+    rows: int
+    autocast: Optional[torch.dtype]  # the dtype autocast computes in, None when it is off
+    graph: bool
+    compile: Union[bool, str]
+
+
+def step_key(device: torch.device, rows: int, graph: Optional[bool], compile: Compile) -> StepKey:
+    """The key of a step on `device` now: `graph` None means a CUDA graph on CUDA (and one is refused elsewhere)."""
+    record = device.type == "cuda" if graph is None else graph
+    if record and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    return StepKey(rows, autocast, record, compile if isinstance(compile, bool) else repr(sorted(compile.items())))
+
+
+def sampling_throughput(
+    model: ClassConditional,
+    batch: int = 8,
+    cfg_scale: float = 2.0,
+    device: str | torch.device = "cuda",
+    graph: Optional[bool] = None,
+    repeats: int = 3,
+    **sample_options,
+) -> float:
+    """Generated tokens per second of `model.sample` (moved to `device`) for `batch` labels: the median of
+    `repeats` timed calls after one untimed call that records the graph or compiles."""
+    device = torch.device(device)
+    labels = (torch.arange(batch) % model.num_classes).to(device)
+    model.to(device)
+
+    def timed_call() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.sample(labels, cfg_scale=cfg_scale, graph=graph, **sample_options)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed_call()
+    return batch * model.num_tokens / statistics.median(timed_call() for _ in range(repeats))
+
+
+def dispatch_cost_per_token(
+    model: ClassConditional, batch: int = 8, cfg_scale: float = 2.0, **sample_options
+) -> Dict[str, float]:
+    """Aten ops, host syncs and tensors made from host data per token position of one eager `model.sample`
+    call (every row gets its token at that position together), counted after one warm-up call."""
+    labels = (torch.arange(batch) % model.num_classes).to(next(model.parameters()).device)
+    model.sample(labels, cfg_scale=cfg_scale, graph=False, **sample_options)
+    with DispatchCounter() as counter:
+        model.sample(labels, cfg_scale=cfg_scale, graph=False, **sample_options)
+    return {
+        "ops": counter.total / model.num_tokens,
+        "syncs": sum(counter.syncs.values()) / model.num_tokens,
+        "host_data": sum(counter.host_data.values()) / model.num_tokens,
+    }

@@ -1,0 +1,7 @@
+"""`python -m nativetok`: the `nativetok` command where no console script is installed."""
+
+import sys
+
+from nativetok.cli import main
+
+sys.exit(main())
