@@ -87,3 +87,21 @@ def tiny_config(tmp_path, fmnist_index):
         )
 
     return make
+
+
+def tiny_generator_config(tmp_path, kind: str = "ar", *overrides: str):
+    """A stage-2 experiment small enough to train in seconds on `random_token_batches`, writing into tmp_path."""
+    from nativetok.config import load_config
+
+    return load_config(REPO / "experiments" / f"fmnist_tiny_{kind}.yaml", [
+        "generator.codebook_size=32", "generator.num_tokens=8", "generator.width=32", "generator.depth=1",
+        "generator.heads=2", f"run.dir={tmp_path}", "trainer.progress_bar=false", "trainer.val_every_n_steps=100",
+        *overrides])
+
+
+def random_token_batches():
+    """Eight batches of eight random 8-token sequences over 32 codes, with labels cycling through 10 classes."""
+    from torch.utils.data import DataLoader
+
+    tokens = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(0))
+    return DataLoader([{"tokens": t, "label": torch.tensor(i % 10)} for i, t in enumerate(tokens)], batch_size=8)

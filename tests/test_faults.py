@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from nativetok.cli import main
-from nativetok.config import ConfigError, load_config
+from nativetok.config import ConfigError
 from nativetok.config.loading import to_container
 from nativetok.data.shards import write_shard
 from nativetok.data.stream import DataError
@@ -26,7 +25,7 @@ from nativetok.lit.generator_module import GeneratorModule
 from nativetok.lit.guards import NonFiniteLossError
 from nativetok.lit.train import build_trainer, checkpoint_to_resume, train_tokenizer
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, random_token_batches, tiny_generator_config
 
 EXPERIMENT = REPO / "experiments" / "fmnist_tiny.yaml"
 GROWTH = "growth.stages=[{step: 0, experts: 4}, {step: 8, experts: 8, train: [decoder]}, {step: 16, experts: 8}]"
@@ -228,12 +227,8 @@ class PoisonedGenerator(GeneratorModule):
 
 
 def test_nan_losses_in_stage2_skip_their_steps_and_too_many_stop(tmp_path):
-    config = load_config(REPO / "experiments" / "fmnist_tiny_ar.yaml", [
-        "generator.codebook_size=32", "generator.num_tokens=8", "generator.width=32", "generator.depth=1",
-        "generator.heads=2", f"run.dir={tmp_path}", "trainer.max_steps=3", "trainer.progress_bar=false",
-        "trainer.max_nonfinite_steps=2", "trainer.val_every_n_steps=100"])
-    tokens = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader([{"tokens": t, "label": torch.tensor(i % 10)} for i, t in enumerate(tokens)], batch_size=8)
+    config = tiny_generator_config(tmp_path, "ar", "trainer.max_steps=3", "trainer.max_nonfinite_steps=2")
+    loader = random_token_batches()
     module = PoisonedGenerator(to_container(config), {1})
     trainer = build_trainer(config, [], tmp_path / "one")
     trainer.fit(module, train_dataloaders=loader)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
-from nativetok.config import load_config
 from nativetok.config.loading import to_container
 from nativetok.lit.generator_module import GeneratorModule
 from nativetok.lit.train import build_trainer
@@ -19,7 +17,7 @@ from nativetok.models.graphs import encoder_key
 from nativetok.models.tokenizer import NativeTokenizer
 from nativetok.profiling import DispatchCounter
 
-from .conftest import REPO
+from .conftest import random_token_batches, tiny_generator_config
 from .test_stage1_training import fit
 
 
@@ -63,12 +61,9 @@ def test_stage1_steps_make_no_host_sync_through_growth_restarts_and_the_gan(tiny
 
 
 def test_stage2_steps_make_no_host_sync(tmp_path):
-    config = load_config(REPO / "experiments" / "fmnist_tiny_ar.yaml", [
-        "generator.codebook_size=32", "generator.num_tokens=8", "generator.width=32", "generator.depth=1",
-        "generator.heads=2", f"run.dir={tmp_path}", "trainer.max_steps=8", "trainer.progress_bar=true",
-        "trainer.log_every_n_steps=4", "trainer.val_every_n_steps=100"])
-    tokens = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader([{"tokens": t, "label": torch.tensor(i % 10)} for i, t in enumerate(tokens)], batch_size=8)
+    config = tiny_generator_config(tmp_path, "ar", "trainer.max_steps=8", "trainer.progress_bar=true",
+                                   "trainer.log_every_n_steps=4")
+    loader = random_token_batches()
     probe = SyncProbe()
     build_trainer(config, [probe], tmp_path).fit(GeneratorModule(to_container(config)), train_dataloaders=loader)
     quiet = probe.quiet_steps(8)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
-from nativetok.config import load_config
 from nativetok.config.loading import to_container
 from nativetok.lit.generator_module import GeneratorModule
 from nativetok.lit.guards import StepGuard
 from nativetok.lit.train import build_trainer
 
-from .conftest import REPO
+from .conftest import random_token_batches, tiny_generator_config
 from .test_stage1_training import fit
 
 PRECISIONS = ["bf16-mixed", "16-mixed"]
@@ -69,12 +67,9 @@ def test_stage1_trains_through_growth_with_clipping_under_mixed_precision(tiny_c
 @pytest.mark.parametrize("kind", ["ar", "maskgit"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_stage2_trains_under_mixed_precision_with_clipping(tmp_path, kind, precision):
-    config = load_config(REPO / "experiments" / f"fmnist_tiny_{kind}.yaml", [
-        "generator.codebook_size=32", "generator.num_tokens=8", "generator.width=32", "generator.depth=1",
-        "generator.heads=2", f"run.dir={tmp_path}", "trainer.max_steps=4", "trainer.progress_bar=false",
-        f"trainer.precision={precision}", "optim.grad_clip=0.1", "trainer.val_every_n_steps=100"])
-    tokens = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader([{"tokens": t, "label": torch.tensor(i % 10)} for i, t in enumerate(tokens)], batch_size=8)
+    config = tiny_generator_config(tmp_path, kind, "trainer.max_steps=4", f"trainer.precision={precision}",
+                                   "optim.grad_clip=0.1")
+    loader = random_token_batches()
     module = GeneratorModule(to_container(config))
     before = {k: v.clone() for k, v in module.generator.state_dict().items()}
     trainer = build_trainer(config, [], tmp_path)

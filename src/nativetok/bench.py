@@ -29,6 +29,7 @@ from nativetok.config import load_config
 from nativetok.config.schema import TokenizerConfig
 from nativetok.lit.guards import StepGuard
 from nativetok.models import ARGenerator, NativeTokenizer
+from nativetok.models.graphs import EncoderGraph
 from nativetok.models.mocet import MixtureOfCausalExperts
 from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import Quantized
@@ -90,21 +91,28 @@ def train_step(
     precision: str = "fp32",
     cache: Optional[FrozenPrefixCache] = None,
     encoder: Optional[Callable[[Tensor], Quantized]] = None,
+    graphs: bool = False,
 ) -> Callable[[], None]:
     """One stage-1 step as the shipped one: encode, quantize, decode, pixel + quantizer losses, backward,
     clipping and the device-side skip of non-finite steps (`StepGuard`), fused AdamW.
 
     With a prefix cache, the images are the same views at every step (after the first, all hits);
-    `encoder` stands in for the tokenizer's encoder (as a captured graph would)."""
+    `encoder` stands in for the tokenizer's encoder, and `graphs` (CUDA) replays it as CUDA graphs captured
+    at the first step. bf16 autocast keeps no cast cache, as under Lightning and as capture requires."""
     params = [p for p in tokenizer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     guard = StepGuard(limit=10)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    device = images.device.type
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)) if precision == "bf16" \
+        else nullcontext
     views = [f"image{i}" for i in range(len(images))] if cache is not None else None
+    captured: List[EncoderGraph] = []
 
     def step() -> None:
         with autocast():
-            out = tokenizer(images, cache=cache, views=views, encoder=encoder)
+            if graphs and not captured:
+                captured.append(EncoderGraph(tokenizer, images))
+            out = tokenizer(images, cache=cache, views=views, encoder=captured[0] if captured else encoder)
             loss = F.mse_loss(out.reconstruction.float(), images * 2 - 1) + out.quantizer_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from nativetok.bench import Row, _report, build, table
+from nativetok.bench import Row, _report, build, table, train_step
 from nativetok.config import load_config
-from nativetok.lit.guards import StepGuard
 from nativetok.models import ARGenerator, NativeTokenizer
-from nativetok.models.graphs import EncoderGraph, FixedShapeStep
+from nativetok.models.graphs import FixedShapeStep
 from nativetok.models.sampling import sampling_throughput
 
 log = logging.getLogger(__name__)
@@ -77,28 +76,9 @@ def gemm_flops_per_second(device: torch.device, size: int, repeats: int) -> floa
     return 2 * size**3 / seconds_per_call(lambda: torch.mm(a, b, out=out), device, repeats)
 
 
-def make_step(tokenizer: NativeTokenizer, images: Tensor, graphs: bool) -> Callable[[], Tensor]:
-    """The shipped stage-1 step without Lightning: bf16 autocast, l2 + quantizer loss, clipping and the
-    device-side skip (`StepGuard`), fused AdamW; with `graphs` the encoder replays as CUDA graphs."""
-    device = images.device
-    params = [p for p in tokenizer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    guard = StepGuard(limit=10)
-    encoder: list = []
-
-    def step() -> Tensor:
-        with autocast(device):
-            if graphs and not encoder:
-                encoder.append(EncoderGraph(tokenizer, images))
-            out = tokenizer(images, encoder=encoder[0] if encoder else None)
-            loss = F.mse_loss(out.reconstruction.float(), images * 2 - 1) + out.quantizer_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        guard.before_step(optimizer, loss, clip=1.0)
-        optimizer.step()
-        return loss
-
-    return step
+def make_step(tokenizer: NativeTokenizer, images: Tensor, graphs: bool) -> Callable[[], None]:
+    """The shipped stage-1 step without Lightning under bf16 autocast; `graphs`: the encoder as CUDA graphs."""
+    return train_step(tokenizer, images, "bf16", graphs=graphs)
 
 
 def step_flops(tokenizer: NativeTokenizer, images: Tensor) -> float:
