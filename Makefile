@@ -79,8 +79,14 @@ $(TOKENIZER): | $(FMNIST)
 
 tokenize: $(TOKENS)/index.json  ## encode the default shards with TOKENIZER (trained first if missing) into TOKENS
 
-$(TOKENS)/index.json: | $(TOKENIZER)
-	$(NATIVETOK) tokenize --tokenizer $(TOKENIZER) --data $(FMNIST) --out $(TOKENS) --flip
+# The tokens depend on the tokenizer's content: they are made again (--force replaces the old tokenizer's
+# shards; a killed run with the same tokenizer resumes) unless the index records the checkpoint's sha256.
+$(TOKENS)/index.json: FORCE | $(TOKENIZER)
+	@grep -qs "\"tokenizer_sha256\": \"$$({ sha256sum $(TOKENIZER) 2>/dev/null || shasum -a 256 $(TOKENIZER); } | cut -c1-64)\"" $@ || \
+		$(NATIVETOK) tokenize --tokenizer $(TOKENIZER) --data $(FMNIST) --out $(TOKENS) --flip --force
+
+.PHONY: FORCE
+FORCE:
 
 train-stage2: $(TOKENS)/index.json  ## train a generator on the tokens: EXP2=experiments/fmnist_tiny_{ar,maskgit}.yaml ARGS=...
 	$(NATIVETOK) train $(EXP2) $(ARGS)

@@ -263,7 +263,7 @@ def test_evaluation_and_sampling_refuse_missing_or_mismatched_inputs(finished_ru
     (tmp_path / "few").mkdir()
     assert main(["eval-fid", "--samples", str(tmp_path / "few"), "--tokenizer", tokenizer, "--num", "5",
                  "--out", str(tmp_path / "fid.json")]) == 2
-    assert "holds 0 images, fewer than the 5 needed" in capsys.readouterr().err
+    assert "has no sample manifest (samples.json): not a complete `nativetok sample` folder" in capsys.readouterr().err
 
 
 def losses_of_a_run(config) -> dict:

@@ -33,6 +33,7 @@ def _shard(args: argparse.Namespace) -> None:
             classes_file=args.classes,
             val_labels=args.val_labels,
             devkit_meta=args.devkit_meta,
+            force=args.force,
         )
 
 
@@ -70,24 +71,41 @@ def _precision_option(parser: argparse.ArgumentParser) -> None:
                         help="autocast for the models (bf16-mixed: faster on GPUs); default 32-true")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (argparse reports anything else with exit code 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _tokenize(args: argparse.Namespace) -> None:
     from nativetok.data.tokens import tokenize_shards
 
     tokenize_shards(
         args.tokenizer, args.data, Path(args.out), splits=args.splits, batch_size=args.batch_size,
-        flip=args.flip, device=args.device, precision=args.precision,
+        flip=args.flip, device=args.device, precision=args.precision, force=args.force,
     )
 
 
+# `nativetok sample`'s options that override the generator's sampling.* settings, by field.
+SAMPLING_OPTIONS = {
+    "cfg_scale": "--cfg", "cfg_schedule": "--cfg-schedule", "temperature": "--temperature", "top_k": "--top-k",
+    "top_p": "--top-p", "steps": "--steps",
+}
+
+
 def _sample(args: argparse.Namespace) -> None:
+    from nativetok.config.loading import check_sampling_options
     from nativetok.eval.samples import sample_to_folder
 
+    sampling = {field: getattr(args, option[2:].replace("-", "_")) for field, option in SAMPLING_OPTIONS.items()}
+    check_sampling_options(sampling, SAMPLING_OPTIONS)
     sample_to_folder(
         args.generator, Path(args.out), classes=args.classes, per_class=args.per_class,
         tokenizer_path=args.tokenizer, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        png=args.format in ("png", "both"), npz=args.format in ("npz", "both"),
-        cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, steps=args.steps, precision=args.precision,
+        png=args.format in ("png", "both"), npz=args.format in ("npz", "both"), precision=args.precision,
+        tokenizer_mismatch_ok=args.tokenizer_mismatch_ok, **sampling,
     )
 
 
@@ -98,6 +116,7 @@ def _eval_fid(args: argparse.Namespace) -> None:
         tokenizer_path=args.tokenizer, generator_path=args.generator, samples=args.samples, num=args.num,
         data=args.data, real_split=args.split, reference_split=args.reference_split, inception=args.inception,
         device=args.device, seed=args.seed, out=Path(args.out), precision=args.precision,
+        tokenizer_mismatch_ok=args.tokenizer_mismatch_ok,
     )
 
 
@@ -151,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="labels of a flat split: LOC_val_solution.csv, '<file> <class>' lines, or the devkit's "
                              "ILSVRC2012_validation_ground_truth.txt (with --devkit-meta)")
     folder.add_argument("--devkit-meta", type=Path, default=None, help="ILSVRC2012_devkit_t12/data/meta.mat")
+    folder.add_argument("--force", action="store_true",
+                        help="when --out holds shards made with other settings, delete them and start over "
+                             "(same settings always resume)")
     shard.set_defaults(func=_shard)
 
     train = commands.add_parser("train", help="train the stage an experiment file describes")
@@ -165,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--splits", nargs="+", default=["train", "val"])
     tokenize.add_argument("--batch-size", type=int, default=256)
     tokenize.add_argument("--flip", action="store_true", help="also store the tokens of the flipped image")
+    tokenize.add_argument("--force", action="store_true",
+                          help="when --out holds token shards of other inputs (another tokenizer, --flip, "
+                               "image index or precision), delete them and start over (same inputs always resume)")
     tokenize.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
     _precision_option(tokenize)
     tokenize.set_defaults(func=_tokenize)
@@ -174,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--tokenizer", default=None, help="default: the one the generator was trained with")
     sample.add_argument("--out", required=True)
     sample.add_argument("--classes", type=int, nargs="+", default=None, help="default: every class")
-    sample.add_argument("--per-class", type=int, default=8)
+    sample.add_argument("--per-class", type=_positive_int, default=8)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--batch-size", type=_positive_int, default=64)
     sample.add_argument("--device", default=None)
     sample.add_argument("--format", choices=["png", "npz", "both"], default="both")
     sample.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the config's)")
@@ -185,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int, default=None)
     sample.add_argument("--top-p", type=float, default=None)
     sample.add_argument("--steps", type=int, default=None, help="MaskGIT decoding steps")
+    sample.add_argument("--tokenizer-mismatch-ok", action="store_true",
+                        help="decode with the given or configured tokenizer even if it is not the file the "
+                             "generator was trained with (another sha256)")
     _precision_option(sample)
     sample.set_defaults(func=_sample)
 
@@ -200,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--device", default=None)
     fid.add_argument("--seed", type=int, default=0)
     fid.add_argument("--out", default="runs/eval/fid.json")
+    fid.add_argument("--tokenizer-mismatch-ok", action="store_true",
+                     help="decode --generator's samples with its tokenizer path even if that file is not the "
+                          "one it was trained with (another sha256)")
     _precision_option(fid)
     fid.set_defaults(func=_eval_fid)
 

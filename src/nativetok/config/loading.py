@@ -7,20 +7,23 @@ is raised before any work starts.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
-from nativetok.config.schema import ComparePreset, ExperimentConfig
+from nativetok.config.schema import ComparePreset, ExperimentConfig, SamplingConfig
 
 COMMAND_LINE = "command line"
 KEY_PATTERN = re.compile(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b")
 SCHEMA_DEFAULT = "schema default"
+SAVED_CONFIG = "the config saved in the checkpoint"
 
 
 class ConfigError(ValueError):
@@ -64,10 +67,16 @@ def _suggest(key: str, node_type: Any) -> str:
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    parsed = OmegaConf.create()
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"{COMMAND_LINE}: override '{item}' is not of the form key=value")
-    return OmegaConf.from_dotlist(list(overrides))
+        try:
+            parsed.merge_with_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as error:  # an unclosed [ or {, a broken ${...}
+            problem = str(error).splitlines()[0]
+            raise ConfigError(f"{COMMAND_LINE}: override '{item}' does not parse: {problem}") from None
+    return parsed
 
 
 class LoadedConfig:
@@ -146,9 +155,9 @@ def to_yaml(config: ExperimentConfig) -> str:
 
 
 def from_container(container: dict) -> ExperimentConfig:
-    """Rebuild a config saved inside a checkpoint (no file, no overrides)."""
-    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), container)
-    return OmegaConf.to_object(merged)
+    """Rebuild a config saved inside a checkpoint (no file, no overrides); a key this version does not know
+    (a checkpoint of another version) is a ConfigError naming it."""
+    return merge_layers(ExperimentConfig, [(SAVED_CONFIG, OmegaConf.create(container))])
 
 
 def to_container(config: ExperimentConfig) -> dict:
@@ -162,6 +171,36 @@ Check = Iterable[Tuple[str, str]]
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 TOKENIZER_KINDS = ("nativetok", "parallel", "causal_mask")
 TRAINABLE_PARTS = ("all", "mit", "old_experts", "codebook", "decoder")
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def check_finite(obj: Any, prefix: str = "") -> Check:
+    """Every float of a schema dataclass (in lists and nested sections too) must be finite: NaN fails every
+    comparison, so the range checks would let it through (a NaN optim.grad_clip silently turns clipping off)."""
+    for f in fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from check_finite(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if is_dataclass(item):
+                    yield from check_finite(item, f"{key}.{i}.")
+            if any(_not_finite(item) for item in value):
+                yield key, f"must hold finite numbers, got {value}"
+        elif _not_finite(value):
+            yield key, f"must be a finite number, got {value}"
+
+
+def _finite_first(non_finite: Check, checks: Iterable[Check]) -> Check:
+    """The non-finite values, then the other problems of the remaining keys (a range check would only repeat
+    a NaN less clearly)."""
+    bad = dict(non_finite)
+    yield from bad.items()
+    for check in checks:
+        yield from ((key, problem) for key, problem in check if key not in bad)
 
 
 def _positive(prefix: str, obj: Any, *names: str) -> Check:
@@ -188,20 +227,26 @@ def _heads_divide(prefix: str, width: int, heads: int) -> Check:
         yield f"{prefix}.heads", f"must divide the width {width}, got {heads}"
 
 
+def _device_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def device_count(devices: Any) -> int | None:
+    """How many devices `trainer.devices` names (a count, a digit string or a list of ids); None when it is
+    decided at run time (auto) or is none of these."""
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices
+    if isinstance(devices, (list, tuple)) and all(_device_id(d) for d in devices):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return int(devices)
+    return None
+
+
 def world_size(trainer) -> int | None:
     """Devices times nodes when the device count is a number; None when it is decided at run time."""
-    devices = trainer.devices
-    if isinstance(devices, bool):
-        return None
-    if isinstance(devices, int):
-        count = devices
-    elif isinstance(devices, (list, tuple)):
-        count = len(devices)
-    elif isinstance(devices, str) and devices.strip().isdigit():
-        count = int(devices)
-    else:
-        return None
-    return count * trainer.num_nodes
+    count = device_count(trainer.devices)
+    return None if count is None else count * trainer.num_nodes
 
 
 def check_run(c: ExperimentConfig) -> Check:
@@ -231,11 +276,11 @@ def check_trainer(c: ExperimentConfig) -> Check:
         yield "trainer.cuda_graphs", "needs a CUDA device (trainer.accelerator gpu or auto)"
     if t.cuda_graphs and c.stage != "tokenizer":
         yield "trainer.cuda_graphs", "captures the stage-1 encoder; stage 2 training does not use it"
-    devices = t.devices
-    if not (devices == "auto" or world_size(t) is not None) or (world_size(t) or 1) <= 0:
-        yield "trainer.devices", f"must be auto, a positive count or a list of device ids; got {devices!r}"
+    count = device_count(t.devices)
+    if t.devices != "auto" and not (count is not None and count >= 1):
+        yield "trainer.devices", f"must be auto, a positive count or a non-empty list of device ids; got {t.devices!r}"
     world = world_size(t)
-    if world and c.data.batch_size % world:
+    if world is not None and world >= 1 and c.data.batch_size % world:
         yield "data.batch_size", (
             f"the global batch size {c.data.batch_size} must be divisible by devices x nodes = {world}"
         )
@@ -338,6 +383,7 @@ def check_generator(c: ExperimentConfig) -> Check:
 
 
 def check_sampling(c: ExperimentConfig) -> Check:
+    """sampling.* in a config, and the `sample` command's options (check_sampling_options)."""
     s = c.sampling
     yield from _choice("sampling.cfg_schedule", s.cfg_schedule, ("constant", "linear"))
     yield from _non_negative("sampling", s, "cfg_scale", "temperature", "top_k", "choice_temperature")
@@ -356,5 +402,16 @@ def check_values(c: ExperimentConfig) -> Check:
     if c.stage not in STAGE_CHECKS:
         yield "stage", f"must be one of {', '.join(STAGE_CHECKS)}; got '{c.stage}'"
         return
-    for check in STAGE_CHECKS[c.stage]:
-        yield from check(c)
+    yield from _finite_first(check_finite(c), (check(c) for check in STAGE_CHECKS[c.stage]))
+
+
+def check_sampling_options(values: Mapping[str, Any], options: Mapping[str, str]) -> None:
+    """Sampling settings given outside a config (sampling field -> value, None where not given), checked by
+    the same code as sampling.* in a config; the ConfigError names the option (`options`: field -> option)."""
+    given = {name: value for name, value in values.items() if value is not None}
+    config = ExperimentConfig(sampling=replace(SamplingConfig(), **given))
+    prefix = "sampling."
+    problems = _finite_first(check_finite(config.sampling, prefix), [check_sampling(config)])
+    lines = [f"{options[key[len(prefix):]]}: {problem}" for key, problem in problems if key[len(prefix):] in given]
+    if lines:
+        raise ConfigError("; ".join(lines))

@@ -1,7 +1,7 @@
 """The typed schema of an experiment: every key a YAML file or a `key=value` override may set.
 
-OmegaConf checks types and unknown keys against these dataclasses; `validate` in `loading.py` checks
-the values that types cannot (ranges, choices, consistency between sections).
+OmegaConf checks types and unknown keys against these dataclasses; `check_values` in `loading.py` checks
+the values that types cannot (every float finite, ranges, choices, consistency between sections).
 """
 
 from __future__ import annotations

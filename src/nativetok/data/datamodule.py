@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from braceexpand import braceexpand
@@ -21,7 +23,7 @@ from nativetok.data.stream import (
     limit_samples,
     to_float_images,
 )
-from nativetok.data.tokens import TokenDecoder
+from nativetok.data.tokens import TokenDecoder, decode_ids
 from nativetok.data.transforms import ImageDecoder
 
 log = logging.getLogger(__name__)
@@ -54,10 +56,16 @@ class ShardsDataModule(pl.LightningDataModule):
             urls = list(braceexpand(pattern))
             source = f"pattern '{pattern}'"
         else:
+            side, split = ("train" if train else "val"), self._split_name(train)
             if self.index is None:
-                raise DataError(f"data.{'train' if train else 'val'}_shards is empty and there is no index")
-            urls = self.index.shard_paths(self._split_name(train))
-            source = f"split '{self._split_name(train)}' of {self.config.index}"
+                raise DataError(f"data.{side}_shards is empty and there is no index")
+            if split not in self.index.splits:
+                raise DataError(
+                    f"data.{side}_split '{split}' is not a split of {self.config.index} "
+                    f"(it has {', '.join(self.index.splits) or 'none'})"
+                )
+            urls = self.index.shard_paths(split)
+            source = f"split '{split}' of {self.config.index}"
         specs = [ShardSpec(url, known.get(str(Path(url).resolve()))) for url in urls]
         missing = [s.url for s in specs if not Path(s.url).is_file()]
         if missing:
@@ -204,5 +212,38 @@ class TokenShardsDataModule(ShardsDataModule):
                     f"token shards {self.config.index} have {key} {found[key]} but generator.{key} is {value}"
                 )
 
-    def decoder(self, train: bool) -> TokenDecoder:
-        return TokenDecoder(train=train, flip=self.config.hflip)
+    def decoder(self, train: bool) -> CheckedTokenDecoder:
+        return CheckedTokenDecoder(
+            TokenDecoder(train=train, flip=self.config.hflip), num_classes=self.config.num_classes, **self.expected
+        )
+
+
+class CheckedTokenDecoder:
+    """A token sample the generator cannot take (an id outside the codebook, another sequence length, a label
+    outside the classes) raises ValueError here, so the stream skips and counts it (or stops under
+    data.strict) instead of failing deep in torch, on a GPU as a device-side assert. Both the tokens and the
+    flipped image's tokens are checked, so whether a sample is skipped never depends on the random flip."""
+
+    def __init__(self, decode: TokenDecoder, codebook_size: int, num_tokens: int, num_classes: int):
+        self.decode = decode
+        self.codebook_size = codebook_size
+        self.num_tokens = num_tokens
+        self.num_classes = num_classes
+
+    def __call__(self, sample: dict, rng: random.Random) -> dict:
+        for field in ("tokens.npy", "flip.npy"):
+            if field in sample:
+                self.check_ids(field, decode_ids(sample[field]))
+        item = self.decode(sample, rng)
+        if not 0 <= item["label"] < self.num_classes:
+            raise ValueError(f"label {item['label']} is outside the {self.num_classes} classes of data.num_classes")
+        return item
+
+    def check_ids(self, field: str, ids: np.ndarray) -> None:
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{field} holds {ids.dtype} values, not integer token ids")
+        if ids.shape != (self.num_tokens,):
+            raise ValueError(f"{field} has shape {list(ids.shape)}, not the {self.num_tokens} tokens of a sequence")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.codebook_size:
+            raise ValueError(f"{field} has ids from {low} to {high}, outside the codebook [0, {self.codebook_size})")

@@ -6,7 +6,9 @@ file: Kaggle's `LOC_val_solution.csv`, a two-column `<file> <class>` text file, 
 
 Shard k always holds the same slice of the sorted file list, so shards can be written by parallel
 worker processes and a re-run skips shards that are already complete (only a finished shard has its
-final name). A final pass counts the samples of every shard against the plan.
+final name). The folder's manifest names what decides the shards (file list, classes, size, format,
+channels, shard size): a re-run with other values is refused, or starts over with `force`, never mixed
+in. A final pass counts the samples of every shard against the plan.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from tqdm import tqdm
 
 from nativetok.data.shards import (
     DatasetIndex,
+    Manifest,
     ShardEntry,
     SplitIndex,
+    claim_folder,
     count_samples,
     encode_image,
+    json_sha256,
     plan_shards,
     shard_name,
     write_shard,
@@ -137,11 +142,13 @@ def shard_folder(
     classes_file: Optional[Path] = None,
     val_labels: Optional[Path] = None,
     devkit_meta: Optional[Path] = None,
+    force: bool = False,
 ) -> DatasetIndex:
     """Write `<out>/<name>-<split>-NNNNNN.tar` for each split and `<out>/index.json`.
 
     `root` is the folder holding the splits, or an ILSVRC folder (its Data/CLS-LOC is used). A split
-    that is a flat folder takes its labels from `val_labels` (and the devkit's `devkit_meta`).
+    that is a flat folder takes its labels from `val_labels` (and the devkit's `devkit_meta`). `out`
+    holding shards made with other settings is refused, or with `force` emptied of them first.
     """
     if fmt not in ("png", "jpg", "original"):
         raise ValueError(f"format must be png, jpg or original, got '{fmt}'")
@@ -153,9 +160,21 @@ def shard_folder(
     classes = read_classes(root, splits, classes_file)
     labels = read_flat_labels(val_labels, classes, devkit_meta) if val_labels else None
     mode = "L" if channels == 1 else "RGB"
+    listed = {split: list_split(root, split, classes, labels) for split in splits}
+    # The file list relative to the root: a moved tree is the same input.
+    relative = {split: [(str(Path(p).relative_to(root)), label) for p, label in items]
+                for split, items in listed.items()}
+    manifest = Manifest("shard folder", {
+        "files_sha256": json_sha256({"classes": classes, "splits": relative}),
+        "splits": list(splits),
+        "size": size,
+        "format": fmt,
+        "channels": channels,
+        "per_shard": per_shard,
+    })
+    claim_folder(out, manifest, name, force)
     index_splits = {}
-    for split in splits:
-        items = list_split(root, split, classes, labels)
+    for split, items in listed.items():
         ranges = plan_shards(len(items), per_shard)
         jobs = []
         for number, rows in enumerate(ranges):
@@ -179,6 +198,8 @@ def shard_folder(
             raise RuntimeError(f"{name}/{split}: shards hold {index_splits[split].samples} samples, found {len(items)}")
         log.info("%s/%s: checked %d samples in %d shards", name, split, len(items), len(entries))
     stored_size = 0 if fmt == "original" else size
-    index = DatasetIndex(name, stored_size, channels, classes, index_splits, fmt=fmt, root=out)
+    index = DatasetIndex(
+        name, stored_size, channels, classes, index_splits, fmt=fmt, root=out, provenance=manifest.to_json()
+    )
     index.save(out)
     return index

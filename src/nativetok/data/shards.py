@@ -4,14 +4,22 @@ A shard is `<name>-<split>-NNNNNN.tar`; it appears under its final name only whe
 written to a temporary name and renamed), so a killed writer never leaves a half shard that looks whole.
 The index (`index.json` beside the shards) lists each split's shards with their sample counts, the
 class names and the image size: the DataModule reads it to split work exactly across ranks.
+
+A manifest (`manifest.json`) records what made a derived folder: the command and every input that
+decides its contents. A re-run with the same inputs resumes; one with other inputs is refused (or, told
+to, deletes the old outputs first), so a folder never holds the outputs of two runs under one index.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -19,8 +27,12 @@ from typing import Any, Dict, Iterable, List, Optional
 import numpy as np
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
 # A fixed whole-second mtime: shards become byte-reproducible and need no PAX header per file.
 SHARD_MTIME = 1_700_000_000
 
@@ -96,16 +108,18 @@ class DatasetIndex:
     classes: List[str]
     splits: Dict[str, SplitIndex]
     fmt: str = "png"
-    # Token shards only: codebook size, tokens per image and the tokenizer that wrote them.
+    # Token shards only: codebook size, tokens per image and the tokenizer (path, sha256) that wrote them.
     tokens: Optional[Dict[str, Any]] = None
     root: Optional[Path] = None  # folder of the index; shard files are relative to it
+    # The manifest of the run that wrote the shards (absent for shards written without one).
+    provenance: Optional[Dict[str, Any]] = None
 
     def shard_paths(self, split: str) -> List[str]:
         return [str(self.root / s.file) for s in self.split(split).shards]
 
     def split(self, split: str) -> SplitIndex:
-        if split not in self.splits:
-            raise KeyError(f"split '{split}' is not in the index of '{self.name}' (has {', '.join(self.splits)})")
+        if split not in self.splits:  # a user's --split or data.*_split: a clear error, not a KeyError traceback
+            raise ValueError(f"split '{split}' is not in the index of '{self.name}' (has {', '.join(self.splits)})")
         return self.splits[split]
 
     def to_json(self) -> dict:
@@ -126,15 +140,13 @@ class DatasetIndex:
         }
         if self.tokens is not None:
             body["tokens"] = self.tokens
+        if self.provenance is not None:
+            body["provenance"] = self.provenance
         return body
 
     def save(self, folder: Path) -> Path:
         folder = Path(folder)
-        path = folder / INDEX_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json(folder / INDEX_NAME, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DatasetIndex":
@@ -159,9 +171,122 @@ class DatasetIndex:
                 fmt=raw.get("format", "png"),
                 tokens=raw.get("tokens"),
                 root=path.parent,
+                provenance=raw.get("provenance"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: not a NativeTok dataset index ({error!r})") from None
+
+
+def write_json(path: Path, body: dict) -> Path:
+    """Write JSON under `path` atomically: readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def json_sha256(value: Any) -> str:
+    """A content hash of a JSON-able value (a file list, class names), for a manifest."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+class ProvenanceError(ValueError):
+    """A folder holds outputs of other inputs than the run asked for."""
+
+
+@dataclass
+class Manifest:
+    """What made a derived output: the command and the inputs that decide its contents, stored flat."""
+
+    command: str
+    inputs: Dict[str, Any]
+
+    def __post_init__(self) -> None:
+        self.inputs = json.loads(json.dumps(self.inputs))  # as it reads back: tuples as lists, keys as strings
+
+    def to_json(self) -> dict:
+        return {"version": MANIFEST_VERSION, "command": self.command, **self.inputs}
+
+    def differences(self, old: "Manifest") -> List[str]:
+        """'key old -> new' for each input (or the command) that differs from `old`'s."""
+        new_body, old_body = self.to_json(), old.to_json()
+        return [
+            f"{key} {_brief(old_body.get(key))} -> {_brief(new_body.get(key))}"
+            for key in sorted(set(new_body) | set(old_body))
+            if new_body.get(key) != old_body.get(key)
+        ]
+
+    def save(self, folder: Path, name: str = MANIFEST_NAME) -> Path:
+        return write_json(Path(folder) / name, self.to_json())
+
+    @classmethod
+    def load(cls, folder: Path, name: str = MANIFEST_NAME) -> Optional["Manifest"]:
+        """The manifest in `folder`, or None when there is none (or the file is not a manifest)."""
+        path = Path(folder) / name
+        try:
+            body = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if not isinstance(body, dict) or "command" not in body:
+            return None
+        return cls(body["command"], {k: v for k, v in body.items() if k not in ("version", "command")})
+
+
+def _brief(value: Any) -> str:
+    """An input's value short enough for a message: a sha256 as its first 12 digits, JSON cut at 60 characters."""
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12]
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def shard_outputs(folder: Path, name: str) -> List[Path]:
+    """What a run writing `<name>-<split>-NNNNNN.tar` shards into `folder` owns there: shards, partial
+    shards and the index."""
+    pattern = glob.escape(name) + "-*.tar"
+    return [*folder.glob(pattern), *folder.glob(pattern + ".tmp"), *[p for p in [folder / INDEX_NAME] if p.exists()]]
+
+
+def _must_clear(folder: Path, manifest: Manifest, name: str, force: bool) -> bool:
+    """Whether `folder` holds outputs of other inputs (or of unknown ones: no manifest) that must go first;
+    refused unless `force`. False when it holds this run's outputs (it resumes) or none."""
+    found = Manifest.load(folder)
+    if found == manifest:
+        return False
+    existing = shard_outputs(folder, name)
+    if not existing:
+        return False
+    if force:
+        return True
+    why = (
+        "; ".join(manifest.differences(found)) if found is not None
+        else f"{existing[0].name} and {len(existing) - 1} more files but no {MANIFEST_NAME}"
+    )
+    raise ProvenanceError(
+        f"{folder} holds the output of another run ({why}): refusing to mix them; "
+        f"use another folder, or --force to delete them and start over"
+    )
+
+
+def claim_folder(folder: Path, manifest: Manifest, name: str, force: bool) -> None:
+    """Make `folder` the output of `manifest`'s run before writing any shard: a run with the same inputs
+    resumes (its complete shards are kept); other inputs are refused, or with `force` their outputs deleted."""
+    if _must_clear(folder, manifest, name, force):
+        stale = shard_outputs(folder, name)
+        log.warning("%s: deleting %d files of another run (--force)", folder, len(stale))
+        for path in stale:
+            path.unlink(missing_ok=True)
+    manifest.save(folder)
+
+
+def wait_for_claim(folder: Path, manifest: Manifest, name: str, force: bool, seconds: float) -> None:
+    """Ranks other than 0: refuse what rank 0 refuses, else wait until it has claimed the folder."""
+    deadline = time.monotonic() + seconds
+    while Manifest.load(folder) != manifest:
+        _must_clear(folder, manifest, name, force)
+        if time.monotonic() > deadline:
+            raise ProvenanceError(f"rank 0 never claimed {folder} (no matching {MANIFEST_NAME}); run the command again")
+        time.sleep(1.0)
 
 
 def plan_shards(count: int, per_shard: int) -> List[range]:

@@ -2,9 +2,11 @@
 
 A token shard mirrors an image shard: the same keys, with `tokens.npy` (the ids as a compact unsigned
 integer array), optionally `flip.npy` (the ids of the horizontally flipped image) and `cls`. Shards are
-dealt out across ranks when launched with several processes (torchrun / srun), each written atomically,
-and a re-run skips the complete ones. The index records the codebook size, the sequence length and the
-tokenizer, which the generator checks before training.
+dealt out across ranks when launched with several processes (torchrun / srun), each written atomically.
+The folder's manifest names the inputs (image index, tokenizer sha256, flip, precision): a re-run with the
+same ones skips the complete shards, one with others is refused (or starts over with `force`), so shards
+of two tokenizers never share an index. The index records the codebook size, the sequence length and the
+tokenizer's sha256, which the generator checks before training.
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nativetok.data.shards import DatasetIndex, ShardEntry, SplitIndex, count_samples, shard_name, write_shard
+from nativetok.data.shards import (
+    DatasetIndex,
+    Manifest,
+    ShardEntry,
+    SplitIndex,
+    claim_folder,
+    count_samples,
+    shard_name,
+    wait_for_claim,
+    write_shard,
+)
 from nativetok.data.stream import SHARD_ERRORS, DataError, ShardSpec, read_shard
 from nativetok.data.transforms import ImageDecoder
 from nativetok.precision import autocast
@@ -127,18 +139,21 @@ def tokenize_shards(
     device: Optional[str] = None,
     wait_seconds: float = 6 * 3600,
     precision: str = "32-true",
+    force: bool = False,
 ) -> Optional[DatasetIndex]:
     """Encode the image shards of `image_index` into token shards under `out`; rank 0 writes the index.
 
     `precision` bf16-mixed or 16-mixed encodes under autocast (faster on a GPU; a code whose distance ties
-    within the lower precision may come out differently than in fp32)."""
-    from nativetok.checkpoints import load_tokenizer
+    within the lower precision may come out differently than in fp32). `out` holding shards of other
+    inputs is refused, or with `force` emptied of them first."""
+    from nativetok.checkpoints import file_sha256, read_checkpoint, tokenizer_from_checkpoint
 
     rank, world = process_rank()
     if device is None:
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(tokenizer_path, device=device)
+    checkpoint = read_checkpoint(tokenizer_path, "tokenizer")
+    tokenizer = tokenizer_from_checkpoint(checkpoint, device=device)
     images = DatasetIndex.load(image_index)
     if (images.image_size, images.channels) != (tokenizer.image_size, tokenizer.channels) and images.image_size:
         raise DataError(
@@ -148,6 +163,18 @@ def tokenize_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"{images.name}-tokens"
+    tokenizer_sha256 = file_sha256(tokenizer_path)
+    manifest = Manifest("tokenize", {
+        "images_sha256": file_sha256(image_index),
+        "tokenizer_sha256": tokenizer_sha256,
+        "tokenizer_step": int(checkpoint.get("global_step", 0)),
+        "flip": flip,
+        "precision": precision,
+    })
+    if rank == 0:
+        claim_folder(out, manifest, name, force)
+    else:
+        wait_for_claim(out, manifest, name, force, wait_seconds)
     jobs = []
     for split in splits:
         for number, (path, entry) in enumerate(zip(images.shard_paths(split), images.split(split).shards)):
@@ -170,11 +197,13 @@ def tokenize_shards(
         "codebook_size": tokenizer.quantizer.codebook_size,
         "num_tokens": tokenizer.num_active,
         "tokenizer": str(tokenizer_path),
+        "tokenizer_sha256": tokenizer_sha256,
         "tokenizer_kind": tokenizer.kind,
         "flip": flip,
     }
     index = DatasetIndex(
-        name, images.image_size, images.channels, images.classes, index_splits, fmt="npy", tokens=meta, root=out
+        name, images.image_size, images.channels, images.classes, index_splits, fmt="npy", tokens=meta, root=out,
+        provenance=manifest.to_json(),
     )
     index.save(out)
     counts = {split: index_splits[split].samples for split in splits}

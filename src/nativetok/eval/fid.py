@@ -23,8 +23,14 @@ from torch import Tensor
 from nativetok.data.shards import DatasetIndex
 from nativetok.data.stream import ShardSpec, ShardStream, limit_samples
 from nativetok.data.transforms import ImageDecoder
-from nativetok.eval.inception import InceptionFeatures, InceptionWeights, cache_dir, inception_weights
-from nativetok.eval.samples import balanced_labels, generate_images, to_uint8
+from nativetok.eval.inception import (
+    InceptionFeatures,
+    InceptionWeights,
+    cache_dir,
+    first_line,
+    inception_weights,
+)
+from nativetok.eval.samples import balanced_labels, check_sample_folder, generate_images, to_uint8
 from nativetok.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -146,15 +152,31 @@ def real_features(
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     folder = (cache or cache_dir()) / "real-stats"
     path = folder / f"{index.name}-{split}-{index.image_size}px-{count}-{key}.pt"
-    if path.is_file():
-        log.info("real-set features from cache %s", path)
-        return torch.load(path, weights_only=True)
+    cached = _cached_features(path, count) if path.is_file() else None
+    if cached is not None:
+        return cached
     images, _ = real_images(index_path, split, count)
     features = extractor(images)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(features, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
     path.with_suffix(".json").write_text(json.dumps(identity, indent=1) + "\n")
+    return features
+
+
+def _cached_features(path: Path, count: int) -> Optional[Dict[str, Tensor]]:
+    """The features cached in `path`, or None after removing an entry that is unreadable or incomplete."""
+    try:
+        features = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(features, dict) and "pool" in features and all(
+                isinstance(value, Tensor) and len(value) == count for value in features.values())):
+            raise ValueError(f"not the features of {count} images")
+    except Exception as error:  # a broken cache entry, whatever torch.load raised: rebuilt, never fatal
+        log.warning("real-set features cache %s is unusable (%s): removed, computing them again", path,
+                    first_line(error))
+        path.unlink(missing_ok=True)
+        return None
+    log.info("real-set features from cache %s", path)
     return features
 
 
@@ -189,22 +211,27 @@ def evaluate_fid(
     seed: int = 0,
     out: Optional[Path] = None,
     precision: str = "32-true",
+    tokenizer_mismatch_ok: bool = False,
 ) -> List[Score]:
     """rFID of a tokenizer and/or gFID of a generator (or a folder of samples); results as JSON and a table.
 
     The image data defaults to the tokenizer's training data (for a generator: its tokenizer's).
     `precision` applies to the tokenizer and generator (autocast); Inception always runs in fp32.
+    A generator decodes with the tokenizer it was trained with (pinned by sha256; another one only with
+    `tokenizer_mismatch_ok`); a sample folder must be a complete `nativetok sample` folder (its manifest).
     """
     from nativetok.checkpoints import (
         generator_config,
         load_generator,
-        load_matching_tokenizer,
+        load_generator_tokenizer,
         load_tokenizer,
         tokenizer_config,
     )
 
     if not (tokenizer_path or generator_path or samples):
         raise ValueError("nothing to evaluate: give a tokenizer checkpoint, a generator checkpoint or a sample folder")
+    if samples and not generator_path:
+        check_sample_folder(samples)  # before any work: a killed, partial or unknown folder is refused
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = inception_weights(inception)
     extractor = InceptionFeatures(weights, device)
@@ -219,9 +246,9 @@ def evaluate_fid(
     if generator_path or samples:
         if generator_path:
             config = generator_config(generator_path)
-            g = config.generator
-            tokenizer = load_matching_tokenizer(g.tokenizer, g.codebook_size, g.num_tokens, device)
-            index = data or tokenizer_config(g.tokenizer).data.index
+            tokenizer, tokenizer_file = load_generator_tokenizer(generator_path, device,
+                                                                 mismatch_ok=tokenizer_mismatch_ok)
+            index = data or tokenizer_config(tokenizer_file).data.index
             labels = balanced_labels(config.data.num_classes, num)
             generated = generate_images(load_generator(generator_path, device), tokenizer, labels, config.sampling,
                                         seed, batch_size=100, precision=precision)

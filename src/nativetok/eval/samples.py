@@ -1,10 +1,15 @@
-"""Sampling a trained generator to image files: a PNG grid, one PNG per image and an npz, for evaluation."""
+"""Sampling a trained generator to image files: a PNG grid, one PNG per image and an npz, for evaluation.
+
+A sample folder is written beside its final name (`<out>.partial`) and renamed only when complete, with
+its manifest `samples.json` (generator and tokenizer sha256, classes, seed, sampling settings, image
+count): a killed or repeated run never leaves partial or stale images that look like a finished folder.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -14,11 +19,22 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from nativetok.checkpoints import generator_config, load_generator, load_matching_tokenizer
+from nativetok.checkpoints import (
+    file_sha256,
+    generator_from_checkpoint,
+    load_matching_tokenizer,
+    pinned_tokenizer,
+    read_checkpoint,
+)
+from nativetok.config.loading import from_container
+from nativetok.data.shards import Manifest
 from nativetok.models import generate
 from nativetok.precision import autocast
 
 log = logging.getLogger(__name__)
+
+SAMPLE_MANIFEST = "samples.json"
+SAMPLE_FILES = {"images", "grid.png", "samples.npz", SAMPLE_MANIFEST}  # what a sample folder may hold
 
 
 @torch.no_grad()
@@ -59,49 +75,92 @@ def sample_to_folder(
     png: bool = True,
     npz: bool = True,
     precision: str = "32-true",
+    tokenizer_mismatch_ok: bool = False,
     **sampling_overrides,
 ) -> Path:
     """Sample `per_class` images of each class (all classes by default) into `out`; returns `out`.
 
-    Batch b is drawn with seed `seed + b`: the same arguments give the same images, file for file.
+    Batch b is drawn with seed `seed + b`: the same arguments give the same images, file for file. The
+    tokenizer is the one the generator was trained with (pinned by sha256); another file, even at the same
+    path, is refused unless `tokenizer_mismatch_ok`. A previous sample folder at `out` is replaced.
     """
-    config = generator_config(generator_path)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(p.name not in SAMPLE_FILES for p in out.iterdir())):
+        raise ValueError(f"{out} exists and is not a sample folder: refusing to replace it")
+    checkpoint = read_checkpoint(generator_path, "generator")
+    config = from_container(checkpoint["hyper_parameters"]["config"])
     sampling = dataclasses.replace(config.sampling, **{k: v for k, v in sampling_overrides.items() if v is not None})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    generator = load_generator(generator_path, device)
+    generator = generator_from_checkpoint(checkpoint, device)
     g = config.generator
-    tokenizer = load_matching_tokenizer(tokenizer_path or g.tokenizer, g.codebook_size, g.num_tokens, device)
+    tokenizer_file, tokenizer_sha256 = pinned_tokenizer(generator_path, checkpoint, tokenizer_path,
+                                                        tokenizer_mismatch_ok)
+    tokenizer = load_matching_tokenizer(tokenizer_file, g.codebook_size, g.num_tokens, device)
     num_classes = config.data.num_classes
     classes = list(range(num_classes)) if classes is None else list(classes)
     unknown = [c for c in classes if not 0 <= c < num_classes]
     if unknown:
         raise ValueError(f"unknown class ids {unknown}: the generator has {num_classes} classes (0..{num_classes - 1})")
     labels = torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)
-    out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     images = generate_images(generator, tokenizer, labels, sampling, seed, batch_size, precision)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a killed run's leftovers
+    (partial / "images").mkdir(parents=True)
     array = images.permute(0, 2, 3, 1).numpy()  # [N, H, W, C] uint8
     if png:
         for i, (image, label) in enumerate(zip(array, labels.tolist())):
             Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
-                out / "images" / f"{i:06d}_class{label:04d}.png"
+                partial / "images" / f"{i:06d}_class{label:04d}.png"
             )
     if npz:
-        np.savez_compressed(out / "samples.npz", images=array, labels=labels.numpy())
+        np.savez_compressed(partial / "samples.npz", images=array, labels=labels.numpy())
     # The grid: a row per class (at most 10 classes), at most 10 samples a row.
     shown = [i for i, label in enumerate(labels.tolist()) if classes.index(label) < 10 and i % per_class < 10]
     grid = make_grid(images[shown].float() / 255, nrow=min(per_class, 10), padding=1, pad_value=1.0)
-    save_image(grid, out / "grid.png")
-    settings = {
-        "generator": str(generator_path),
-        "tokenizer": str(tokenizer_path or g.tokenizer),
+    save_image(grid, partial / "grid.png")
+    Manifest("sample", {
+        "generator": str(Path(generator_path).resolve()),
+        "generator_sha256": file_sha256(generator_path),
+        "generator_step": int(checkpoint.get("global_step", 0)),
+        "tokenizer": str(tokenizer_file),
+        "tokenizer_sha256": tokenizer_sha256,
         "classes": classes,
         "per_class": per_class,
         "seed": seed,
         "batch_size": batch_size,
+        "precision": precision,
         "sampling": dataclasses.asdict(sampling),
+        "png": png,
+        "npz": npz,
         "count": len(labels),
-    }
-    (out / "samples.json").write_text(json.dumps(settings, indent=1) + "\n")
+    }).save(partial, SAMPLE_MANIFEST)
+    _replace_folder(partial, out)
     log.info("%d samples -> %s (grid.png, images/, samples.npz)", len(labels), out)
     return out
+
+
+def _replace_folder(complete: Path, out: Path) -> None:
+    """Move the complete folder to `out`; a previous sample folder there is removed only once it is moved away."""
+    previous = out.with_name(out.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        out.rename(previous)
+    complete.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def check_sample_folder(folder: Path) -> Manifest:
+    """The manifest of a complete `nativetok sample` folder; a folder without one (a killed run, a run made
+    before manifests, any other folder of images) or whose images do not match it is refused."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder, SAMPLE_MANIFEST)
+    if manifest is None or manifest.command != "sample":
+        raise ValueError(
+            f"{folder} has no sample manifest ({SAMPLE_MANIFEST}): not a complete `nativetok sample` folder "
+            f"(a killed run, or one made before manifests); sample it again"
+        )
+    if manifest.inputs["png"]:
+        found = len(list((folder / "images").glob("*.png")))
+        if found != manifest.inputs["count"]:
+            raise ValueError(f"{folder}/images holds {found} images but its manifest lists {manifest.inputs['count']}")
+    return manifest

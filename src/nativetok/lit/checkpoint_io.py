@@ -1,11 +1,13 @@
 """Checkpoint files that are whole or absent: written beside the target, fsynced, renamed over it.
 
 Lightning's default writer stages files in the system temp folder and moves them, which across file
-systems (local /tmp, checkpoints on a shared disk) is a copy that a kill can leave half done.
+systems (local /tmp, checkpoints on a shared disk) is a copy that a kill can leave half done. A kill while
+staging leaves the staged file behind (gigabytes at L-32 sizes): a run removes those of its folder at start.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -13,16 +15,34 @@ from typing import Any, Optional
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, permissions); the previous file is untouched."""
+
+
+def staging_path(path: Path) -> Path:
+    """Where a checkpoint is written before it is renamed to `path`: hidden, beside it, named by the writer."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_staged_leftovers(folder: Path) -> None:
+    """Delete the staged checkpoints that killed writers left in `folder`. Only while no other process writes
+    there: the run folder's lock makes sure of it."""
+    leftovers = sorted(folder.glob(".*.ckpt.*.tmp"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        log.warning("removed %d unfinished checkpoint files left by killed saves: %s",
+                    len(leftovers), ", ".join(str(p) for p in leftovers))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = staging_path(path)
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)

@@ -2,13 +2,16 @@
 
 Validation reports cross-entropy and bits per token (for the AR model an estimate of the code length
 of a token given the ones before it) and the loss at each position as a curve. The stage-1 tokenizer
-is loaded only to decode sample grids; it is not part of this module's state.
+is loaded only to decode sample grids; it is not part of this module's state, but its sha256 and
+paths are (`checkpoints.tokenizer_pin`): sampling later decodes with that very file, and training
+refuses token shards, or a resumed run, made with another one.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytorch_lightning as pl
@@ -39,6 +42,7 @@ class GeneratorModule(pl.LightningModule):
         self.ema = EMA(self.generator, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
         self.val_positions = PositionLoss(c.generator.num_tokens)
         self._tokenizer: List[NativeTokenizer] = []  # loaded on first use, kept out of the state dict
+        self.tokenizer_pin: Optional[dict] = None  # set when the tokenizer is loaded, saved in every checkpoint
         self.loss_guard = StepGuard(c.trainer.max_nonfinite_steps)
         self._step_loss: Optional[Tensor] = None  # the loss the guard judges before the optimizer step
 
@@ -53,12 +57,34 @@ class GeneratorModule(pl.LightningModule):
 
     @property
     def tokenizer(self) -> NativeTokenizer:
+        """generator.tokenizer, pinned on first use; token shards that another tokenizer made are refused."""
         if not self._tokenizer:
-            from nativetok.checkpoints import load_matching_tokenizer
+            from nativetok.checkpoints import load_matching_tokenizer, tokenizer_pin
 
             g = self.cfg.generator
-            self._tokenizer.append(load_matching_tokenizer(g.tokenizer, g.codebook_size, g.num_tokens))
+            tokenizer = load_matching_tokenizer(g.tokenizer, g.codebook_size, g.num_tokens)
+            self.tokenizer_pin = tokenizer_pin(g.tokenizer, self.cfg.run.dir)
+            self._check_token_shards(self.tokenizer_pin["sha256"])
+            self._tokenizer.append(tokenizer)
         return self._tokenizer[0].to(self.device)
+
+    def _check_token_shards(self, tokenizer_sha256: str) -> None:
+        from nativetok.data.shards import DatasetIndex
+        from nativetok.data.stream import DataError
+
+        index = Path(self.cfg.data.index)
+        if not index.is_file():
+            return
+        recorded = (DatasetIndex.load(index).tokens or {}).get("tokenizer_sha256")
+        if recorded is None:
+            log.warning("token shards %s do not record their tokenizer's sha256: cannot check that %s made them",
+                        index, self.cfg.generator.tokenizer)
+        elif recorded != tokenizer_sha256:
+            raise DataError(
+                f"token shards {index} were made by a tokenizer with sha256 {recorded[:12]} but generator.tokenizer "
+                f"{self.cfg.generator.tokenizer} has sha256 {tokenizer_sha256[:12]}: tokenize with it again, or point "
+                f"generator.tokenizer at the one that made them"
+            )
 
     def _generator_for_step(self) -> torch.Generator:
         """Label dropout and masks drawn from (seed, step, rank): a resumed run draws what an unbroken one would."""
@@ -151,3 +177,18 @@ class GeneratorModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nativetok"] = {"kind": "generator", "version": __version__}
+        if self.tokenizer_pin is not None:
+            checkpoint["nativetok"]["tokenizer"] = self.tokenizer_pin
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run continues only with the tokenizer it started with."""
+        pinned = checkpoint.get("nativetok", {}).get("tokenizer")
+        if pinned is None or self.tokenizer_pin is None or pinned["sha256"] == self.tokenizer_pin["sha256"]:
+            return
+        from nativetok.checkpoints import CheckpointError
+
+        raise CheckpointError(
+            f"this run was trained with tokenizer sha256 {pinned['sha256'][:12]} ({pinned['path']}) but "
+            f"generator.tokenizer {self.cfg.generator.tokenizer} now has sha256 {self.tokenizer_pin['sha256'][:12]}: "
+            f"resume with that tokenizer, or start a new run"
+        )

@@ -1,12 +1,16 @@
 """`LastCheckpoint`: owns `last.ckpt`, so a run killed or pre-empted at any moment resumes with little lost.
 
 It is written every `trainer.checkpoint_every_n_steps` steps, at the end of training, and when the job is
-told to stop (SIGUSR1, which SLURM sends before the time limit, or SIGTERM). The signal handler only
-records the signal; the checkpoint is written between two training steps, so it is always consistent,
-and every rank agrees on the step at which the run stops. Under SLURM rank 0 then requeues the job with
-`scontrol requeue`; the requeued job runs the same command, which resumes from `last.ckpt`
-(`run.resume=auto`). Where `scontrol` does not exist the intended call is recorded in `<run>/requeue.log`.
-The checkpoint before the latest is kept as `previous.ckpt`, the fallback when `last.ckpt` is damaged.
+told to stop: SIGUSR1 (which SLURM sends before the time limit), SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the
+terminal closed). The signal handler only records the signal; the checkpoint is written between two
+training steps, so it is always consistent, and every rank agrees on the step at which the run stops.
+Under SLURM rank 0 then requeues the job with `scontrol requeue`; the requeued job runs the same command,
+which resumes from `last.ckpt` (`run.resume=auto`). Where `scontrol` does not exist the intended call is
+recorded in `<run>/requeue.log`. The checkpoint before the latest is kept as `previous.ckpt`, the fallback
+when `last.ckpt` is damaged.
+
+A second Ctrl-C aborts at once, without a checkpoint. The handlers are installed when training starts,
+after Lightning's own: its SIGTERM handler would end the run at a step boundary without this checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from nativetok.lit.loop import writing_logs
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"
 
@@ -64,16 +68,16 @@ class LastCheckpoint(pl.Callback):
 
     # -- signals -----------------------------------------------------------------------------------
     def _record(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         if self.received is None:
-            log.warning("received signal %d: checkpointing at the end of this step", signum)
+            log.warning("received %s: checkpointing at the end of this step (Ctrl-C again aborts at once)",
+                        signal.Signals(signum).name)
         self.received = signum
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         for sig in SIGNALS:
             self._previous_handlers[sig] = signal.signal(sig, self._record)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
-        self._restore_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         self._restore_handlers()
@@ -118,3 +122,4 @@ class LastCheckpoint(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         # Validation (and with it the best-checkpoint callback) need not fall on the last step.
         self.save(trainer)
+        self._restore_handlers()

@@ -1,8 +1,9 @@
 """Build the Trainer, callbacks and run folder from a config, and run stage-1 or stage-2 training.
 
 A run folder is `run.dir` (default `runs/<run.name>`): `config.yaml` (the resolved config),
-`checkpoints/` (`last.ckpt` and the best by validation loss), `tb/` (TensorBoard) and pictures.
-Running the same command again continues from `last.ckpt` (`run.resume=auto`), so a killed or
+`checkpoints/` (`last.ckpt` and the best by validation loss), `tb/` (TensorBoard), pictures, and while a
+run trains there `run.lock` (see `run_folder.py`: one run per folder, a resume refused when the config
+changed). Running the same command again continues from `last.ckpt` (`run.resume=auto`), so a killed or
 requeued job resumes without user action.
 """
 
@@ -23,9 +24,10 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from nativetok.config.loading import ConfigError, to_container, to_yaml
 from nativetok.config.schema import ExperimentConfig
-from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
+from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, remove_staged_leftovers
 from nativetok.lit.loop import progress_bar
 from nativetok.lit.preemption import LAST, PREVIOUS, LastCheckpoint
+from nativetok.lit.run_folder import RunLock, refuse_changed_config
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +137,29 @@ def checkpoint_callback(run_dir: Path) -> ModelCheckpoint:
 
 
 def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks: List[pl.Callback]):
-    """Seed, resolve the checkpoint to resume from, build the trainer and write the resolved config."""
-    run_dir = Path(config.run.dir)
-    resume = checkpoint_to_resume(config)
-    if resume:
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    """Build the trainer, take the run folder (rank 0), resolve the checkpoint to resume from and refuse it
+    when the config changed, then clear killed saves' leftovers and write the resolved config. Nothing is
+    written before the lock is taken and the config accepted."""
     from nativetok.lit.callbacks import DataSkips, ValidationSummary
 
-    skips = DataSkips(config.trainer.log_every_n_steps)
-    trainer = build_trainer(config, [checkpoint_callback(run_dir), skips, ValidationSummary(), *callbacks], run_dir)
+    run_dir = Path(config.run.dir)
+    lock = RunLock(run_dir)
+    ours = [checkpoint_callback(run_dir), DataSkips(config.trainer.log_every_n_steps), ValidationSummary(), lock]
+    trainer = build_trainer(config, [*ours, *callbacks], run_dir)
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
-        log.info("run folder %s%s", run_dir, f"; resuming from {resume}" if resume else "")
+        lock.acquire()
+    try:
+        resume = checkpoint_to_resume(config)
+        if resume:
+            refuse_changed_config(config, resume)
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        if trainer.is_global_zero:
+            remove_staged_leftovers(run_dir / "checkpoints")
+            (run_dir / "config.yaml").write_text(to_yaml(config))
+            log.info("run folder %s%s", run_dir, f"; resuming from {resume}" if resume else "")
+    except BaseException:
+        lock.release()
+        raise
     return trainer, resume
 
 

@@ -10,6 +10,7 @@ Kinds (the comparison of the paper, like for like):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +24,9 @@ from nativetok.models.mit import MetaImageTransformer
 from nativetok.models.mocet import MixtureOfCausalExperts
 from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import Quantized, VectorQuantizer
+
+# How far outside [0, 1] `encode` lets pixel values be (rounding in the caller's resizing or normalising).
+PIXEL_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -91,12 +95,31 @@ class NativeTokenizer(nn.Module):
 
     # -- tokens ---------------------------------------------------------------------------------
     def check_images(self, images: Tensor) -> None:
+        """Shape and dtype: metadata only, so the training forward reads nothing back from the device."""
         expected = (self.channels, self.image_size, self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"images must be [B, {expected[0]}, {expected[1]}, {expected[2]}] for this tokenizer, "
                 f"got {list(images.shape)}"
             )
+        if not images.is_floating_point():
+            hint = " (uint8 images: .float() / 255)" if images.dtype == torch.uint8 else ""
+            raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}{hint}")
+
+    @staticmethod
+    def check_pixel_values(images: Tensor) -> None:
+        """Finite and in [0, 1]: other values give wrong tokens without any error. One reduction and one read
+        back, which CUDA graph capture and torch.compile cannot do: they skip it."""
+        if images.numel() == 0 or torch.compiler.is_compiling():
+            return
+        if images.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        low, high = torch.stack(torch.aminmax(images)).tolist()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("images must be finite, got NaN or infinite values")
+        if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
+            hint = " (images in 0..255: divide them by 255)" if high > 2 else ""
+            raise ValueError(f"images must be in [0, 1], got values from {low:.4g} to {high:.4g}{hint}")
 
     def quantize(
         self, images: Tensor, cache: Optional[FrozenPrefixCache] = None, views: Optional[Sequence[str]] = None
@@ -169,6 +192,7 @@ class NativeTokenizer(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         """images float [B, C, H, W] in [0, 1] -> token ids LongTensor [B, active tokens]."""
         self.check_images(images)
+        self.check_pixel_values(images)
         return self.quantize(images * 2 - 1).ids
 
     @torch.no_grad()
@@ -176,13 +200,15 @@ class NativeTokenizer(nn.Module):
         """ids [B, n] -> images in [0, 1], from the first k tokens (default: all n given)."""
         if ids.dim() != 2 or ids.shape[1] > self.num_tokens:
             raise ValueError(f"ids must be [B, n] with n <= {self.num_tokens}, got {list(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be an integer tensor of token ids, got dtype {ids.dtype}")
         if k is not None:
             if not 0 <= k <= ids.shape[1]:
                 raise ValueError(f"k={k} is outside the {ids.shape[1]} tokens given")
             ids = ids[:, :k]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.quantizer.codebook_size):
             raise ValueError(f"token ids must be in [0, {self.quantizer.codebook_size})")
-        images = self.decoder(self.quantizer.lookup(ids))
+        images = self.decoder(self.quantizer.lookup(ids.long()))
         return ((images.float() + 1) / 2).clamp(0, 1)  # float32 under autocast too
 
     # -- Hierarchical Native Training -------------------------------------------------------------
