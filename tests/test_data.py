@@ -275,3 +275,32 @@ def test_a_view_names_the_pixels_after_the_random_crop_and_flip(fmnist_index):
     assert {view for view in pixels if view.startswith(key)} == {f"{key}@0,0", f"{key}@0,0~"}
     assert len(pixels) > 10  # the wide image gives crops at several corners, flipped or not
     assert ImageDecoder(32, 1, train=False)(wide, rng)["view"] == "wide@8,0"  # evaluation: the centre crop
+
+
+def test_a_killed_fmnist_rebuild_leaves_no_index_to_vouch_for_mixed_shards(tmp_path, monkeypatch):
+    """Built at 32 px, rebuilt at 40 px and killed after two shards: the next 32 px build rewrites every
+    shard, since the old index no longer claims the folder is up to date."""
+    from nativetok.data import fmnist, shards
+
+    monkeypatch.setattr(fmnist, "load_split", lambda folder, split: tuple(a[:300] for a in load_split(folder, split)))
+    out = tmp_path / "fmnist"
+    fmnist.write_fmnist(out, per_shard=100)
+    real_write, written = shards.write_shard, []
+
+    def killed_after_two(path, samples):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        written.append(path)
+        return real_write(path, samples)
+
+    monkeypatch.setattr(fmnist, "write_shard", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        fmnist.write_fmnist(out, size=40, per_shard=100)
+    assert not (out / "index.json").exists()
+    monkeypatch.setattr(fmnist, "write_shard", real_write)
+    index = fmnist.write_fmnist(out, per_shard=100)
+    for split in index.splits:
+        for path in index.shard_paths(split):
+            with tarfile.open(path) as tar:
+                png = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png"))
+            assert Image.open(io.BytesIO(png)).size == (32, 32), path

@@ -126,6 +126,8 @@ def write_fmnist(
             return existing
     folder = locate_files(source, out / "raw")
     out.mkdir(parents=True, exist_ok=True)
+    # The old index goes first: a rebuild killed half-way leaves no index to vouch for mixed shards.
+    index_path.unlink(missing_ok=True)
     splits = {}
     for split in FILES:
         images, labels = load_split(folder, split)
