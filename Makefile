@@ -19,8 +19,10 @@ GEN ?= runs/$(basename $(notdir $(EXP2)))/checkpoints/last.ckpt
 SAMPLES ?= runs/samples/$(basename $(notdir $(EXP2)))
 SAMPLE_ARGS ?=
 CKPT ?= $(TOKENIZER)
-NUM ?= 1000
+NUM ?=
+REF_STATS ?=
 PRESET ?= default
+ABLATION ?= hnt
 # ImageNet: make shards-imagenet IMAGENET=/path/to/ILSVRC OUT=data/imagenet256 [SIZE=256 FORMAT=jpg VAL_LABELS=...]
 IMAGENET ?=
 OUT ?= data/imagenet$(SIZE)
@@ -39,7 +41,7 @@ DRY_RUN ?=
 SLURM_ARGS = --nodes $(NODES) --gpus $(GPUS) --cpus-per-task $(CPUS) --time $(TIME) \
 	$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup data shards-imagenet train-stage1 tokenize train-stage2 sample eval-fid compare bench bench-gpu \
+.PHONY: help setup data shards-imagenet train-stage1 tokenize train-stage2 sample eval-fid compare ablate bench bench-gpu \
 	gpu-bundle slurm-stage1 slurm-stage2 \
 	test test-all lint clean
 
@@ -97,12 +99,15 @@ $(GEN): | $(TOKENS)/index.json
 sample: | $(GEN)  ## sample every class with GEN (trained first if missing) into SAMPLES; SAMPLE_ARGS="--cfg 3 ..."
 	$(NATIVETOK) sample --generator $(GEN) --out $(SAMPLES) $(SAMPLE_ARGS)
 
-eval-fid: | $(STAMP)  ## rFID/KID of CKPT (a tokenizer) and, with GEN=..., gFID/KID of its samples; NUM images
+eval-fid: | $(STAMP)  ## rFID of CKPT (a tokenizer) and, with GEN=..., gFID of its samples; NUM images, REF_STATS=file.npz
 	$(NATIVETOK) eval-fid --tokenizer $(CKPT) $(if $(filter command line,$(origin GEN)),--generator $(GEN)) \
-		--num $(NUM) --out runs/eval/fid.json
+		$(if $(NUM),--num $(NUM)) $(if $(REF_STATS),--ref-stats $(REF_STATS)) --out runs/eval/fid.json
 
-compare: $(FMNIST)  ## NativeTok vs parallel vs causal-mask tokens with the same AR generator (PRESET=default|full)
+compare: $(FMNIST)  ## NativeTok vs parallel vs causal-mask tokens, same AR generator, seeds (PRESET=quick|default|full)
 	$(NATIVETOK) compare --preset $(PRESET)
+
+ablate: $(FMNIST)  ## HNT ablation on the default data: variants x seeds, prefix PSNR (ABLATION=hnt)
+	$(NATIVETOK) ablate --preset $(ABLATION)
 
 bench: | $(FMNIST)  ## speed and memory as ratios (NativeTok vs parallel, growth, MFU, KV cache, ops, data); runs/bench/
 	$(NATIVETOK) bench --device cpu --out runs/bench/bench.json
@@ -113,7 +118,7 @@ bench-gpu: | $(STAMP)  ## the GPU table on one CUDA device (about 5 minutes on a
 # A GPU machine whose Python has torch, Lightning, torchmetrics and tensorboard but cannot install anything:
 # carry this folder there and run scripts/gpu-check (see README, "On a GPU machine without a package index").
 GPU_BUNDLE ?= .gpu-bundle
-GPU_DEPS := webdataset braceexpand omegaconf torch_fidelity
+GPU_DEPS := webdataset braceexpand omegaconf torch_fidelity lpips
 
 gpu-bundle: | $(STAMP)  ## the pure-Python dependencies and Fashion-MNIST IDX files, for a GPU machine without pip
 	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/site $(GPU_BUNDLE)/fmnist

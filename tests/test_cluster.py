@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from nativetok.cluster.slurm import Resources, render
+from nativetok.cluster.slurm import Resources, Site, parse_time, render, slurm_time, submit
 from nativetok.config import ConfigError
 from nativetok.data.folders import read_flat_labels, shard_folder
 from nativetok.lit.train import build_trainer
 
-from .conftest import REPO, TINY
+from .conftest import FMNIST_INDEX, REPO, TINY
 
 EXPERIMENT = str(REPO / "experiments" / "imagenet256_nativetok_l32.yaml")
+TINY_EXPERIMENT = str(REPO / "experiments" / "fmnist_tiny.yaml")
 
 
 def test_rendered_script_is_valid_bash_with_the_resources(tmp_path):
@@ -47,6 +50,128 @@ def test_bad_jobs_are_refused_before_rendering(tmp_path):
         render(EXPERIMENT, [], Resources(nodes=3, gpus=8), venv=tmp_path, workdir=tmp_path)
     with pytest.raises(ValueError, match="time limit 'two days'"):
         render(EXPERIMENT, [], Resources(time="two days"), venv=tmp_path, workdir=tmp_path)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90", 90 * 60), ("90:30", 90 * 60 + 30), ("36:00:00", 36 * 3600), ("1:02:03", 3723),
+    ("2-12", (2 * 24 + 12) * 3600), ("2-12:30", (2 * 24 + 12) * 3600 + 1800), ("1-00:00:05", 86405),
+])
+def test_time_limits_are_read_as_sbatch_reads_them(text, seconds):
+    assert parse_time(text) == seconds
+    assert parse_time(slurm_time(seconds)) == seconds  # what is rendered means the same to SLURM
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("two days", "is not one of minutes"), ("1:2:3:4", "is not one of"), ("-5", "is not one of"),
+    ("2-", "is not one of"), ("1.5", "is not one of"), ("1", "ends before the SIGUSR1"), ("0:30", "ends before"),
+])
+def test_time_limits_sbatch_would_refuse_or_that_leave_no_time_to_checkpoint_are_refused(text, problem):
+    with pytest.raises(ValueError, match=f"--time: .*{problem}"):
+        parse_time(text)
+
+
+def test_site_directives_and_setup_lines_are_rendered(tmp_path):
+    site = Site(directives=["--qos=high", "constraint=a100", "#SBATCH --mem=0"],
+                setup=["module load cuda/12.1", "export NCCL_IB_DISABLE=1"])
+    script = render(EXPERIMENT, [], Resources(time="90"), venv=tmp_path / "venv", workdir=tmp_path, site=site)
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    lines = script.splitlines()
+    assert "#SBATCH --time=01:30:00" in lines
+    header = lines[:lines.index("set -euo pipefail")]
+    for line in ("#SBATCH --qos=high", "#SBATCH --constraint=a100", "#SBATCH --mem=0"):
+        assert line in header, line
+    setup = lines.index("module load cuda/12.1")
+    assert lines[setup - 1:setup + 3] == ["set +u", "module load cuda/12.1", "export NCCL_IB_DISABLE=1", "set -u"]
+    assert lines[setup + 3].startswith("source ")
+    for site, message in ((Site(directives=["--nodes=3"]), "sets --nodes from --nodes"),
+                          (Site(directives=["-t 5"]), "sets -t from --time"),
+                          (Site(directives=["--qos=a\n#SBATCH --nodes=9"]), "--sbatch: .* must be one non-empty line"),
+                          (Site(setup=["module load a\rrm -rf /"]), "--setup: .* must be one non-empty line")):
+        with pytest.raises(ValueError, match=message):
+            render(EXPERIMENT, [], Resources(), venv=tmp_path, workdir=tmp_path, site=site)
+
+
+def test_a_site_template_uses_the_same_placeholders_and_is_checked(tmp_path):
+    template = tmp_path / "site.template"
+    template.write_text("#!/bin/bash\n#SBATCH --job-name=${job_name}\n#SBATCH --time=${time}\n#SBATCH --qos=site\n"
+                        "${optional_directives}cd ${workdir}\n${setup}source ${activate}\nsrun ${command}\n")
+    site = Site(directives=["--mem=0"], setup=["module load nccl"], template=template)
+    script = render(EXPERIMENT, [], Resources(time="2-0"), venv=tmp_path, workdir=tmp_path, site=site)
+    assert script.splitlines()[1:5] == ["#SBATCH --job-name=imagenet256_nativetok_l32", "#SBATCH --time=2-00:00:00",
+                                        "#SBATCH --qos=site", "#SBATCH --mem=0"]
+    assert "module load nccl" in script and "srun nativetok train" in script
+    for text, site, message in (
+        ("srun ${command} ${gpu_count}\n", Site(), "unknown placeholders gpu_count"),
+        ("srun $ command\n", Site(), "a '\\$' that starts no placeholder"),
+        ("#SBATCH --time=${time}\n", Site(), "no \\$\\{command\\}"),
+        ("srun ${command}\n", Site(directives=["--mem=0"]), "no \\$\\{optional_directives\\} for the --partition"),
+        ("srun ${command}\n", Site(setup=["module load x"]), "no \\$\\{setup\\} for the --setup"),
+        ("cd ${workdir}\n${optional_directives}srun ${command}\n", Site(directives=["--mem=0"]),
+         "sbatch ignores #SBATCH lines after the first command: #SBATCH --mem=0"),
+    ):
+        template.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            render(EXPERIMENT, [], Resources(), venv=tmp_path, workdir=tmp_path,
+                   site=Site(site.directives, site.setup, template))
+
+
+@pytest.fixture()
+def fake_sbatch(tmp_path, monkeypatch):
+    """An `sbatch` on PATH that records its arguments and answers with a job id; returns the record file."""
+    folder, record = tmp_path / "bin", tmp_path / "sbatch-calls"
+    folder.mkdir()
+    (folder / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {record}\necho "4242;cluster"\n')
+    (folder / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text("")
+    return record
+
+
+def test_submit_names_every_missing_input_and_queues_nothing(tmp_path, fake_sbatch):
+    index = tmp_path / "data" / "index.json"  # the real index without its shards beside it
+    index.parent.mkdir()
+    shutil.copyfile(FMNIST_INDEX, index)
+    shutil.copyfile(FMNIST_INDEX.parent / "fmnist-val-000001.tar", index.parent / "fmnist-val-000001.tar")
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(b"not a checkpoint")
+    overrides = [f"run.dir={tmp_path / 'run'}", f"data.index={index}", "loss.perceptual_weight=1",
+                 "loss.perceptual.vgg_weights=weights/vgg16.pth", "loss.perceptual.lin_weights=weights/vgg.pth",
+                 f"run.resume={damaged}"]
+    resources = Resources(gpus=2, time="10")
+    with pytest.raises(FileNotFoundError) as error:
+        submit(TINY_EXPERIMENT, overrides, resources, venv=tmp_path / "no-venv", workdir=tmp_path)
+    message = str(error.value)
+    shards = json.loads(index.read_text())["splits"]
+    expected = [f"data.index {split} shard: {index.parent / s['file']}" for split in ("train", "val")
+                for s in shards[split]["shards"] if s["file"] != "fmnist-val-000001.tar"]
+    expected += [f"loss.perceptual.vgg_weights: {tmp_path / 'weights' / 'vgg16.pth'}",
+                 f"loss.perceptual.lin_weights: {tmp_path / 'weights' / 'vgg.pth'}",
+                 f"--venv: {tmp_path / 'no-venv' / 'bin' / 'activate'}", f"run.resume: {damaged}: unreadable"]
+    for line in expected:
+        assert f"\n  {line}" in message, line
+    assert message.startswith(f"nothing submitted: {len(expected)} input(s)") and "val-000001" not in message
+    assert not fake_sbatch.exists() and not (tmp_path / "run").exists()
+    with pytest.raises(FileNotFoundError, match=f"generator.tokenizer: {tmp_path / 'runs' / 'none.ckpt'}"):
+        submit(str(REPO / "experiments" / "fmnist_tiny_ar.yaml"), [f"run.dir={tmp_path / 'g'}",
+               f"data.index={FMNIST_INDEX}", "generator.tokenizer=runs/none.ckpt"], resources,
+               venv=tmp_path / "venv", workdir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"data.index: {tmp_path / 'nowhere.json'}"):
+        submit(TINY_EXPERIMENT, [f"run.dir={tmp_path / 'run'}", "data.index=nowhere.json"], resources,
+               venv=tmp_path / "venv", workdir=tmp_path)
+    assert not fake_sbatch.exists()
+
+
+def test_submit_queues_a_job_whose_inputs_are_all_there(tmp_path, fake_sbatch):
+    overrides = [f"run.dir={tmp_path / 'run'}", "data.index=data/fmnist/index.json"]  # relative to the workdir
+    job = submit(TINY_EXPERIMENT, overrides, Resources(gpus=2, time="1-0"), venv=tmp_path / "venv", workdir=REPO,
+                 site=Site(directives=["qos=high"]))
+    script = tmp_path / "run" / "slurm" / "fmnist_tiny.sbatch"
+    assert job == "4242" and fake_sbatch.read_text() == f"--parsable {script}\n"
+    assert "#SBATCH --qos=high" in script.read_text() and "#SBATCH --time=1-00:00:00" in script.read_text()
 
 
 def test_the_trainer_takes_ranks_from_srun_variables(tmp_path, monkeypatch, tiny_config):
@@ -153,3 +278,16 @@ def test_flat_imagenet_validation_with_each_label_format(tmp_path):
     assert index.classes == classes and index.split("train").samples == 6 and index.split("val").samples == 4
     with pytest.raises(ValueError, match="give its label file"):
         shard_folder(tmp_path / "ILSVRC", tmp_path / "other", "imagenet", size=16, workers=1)
+
+
+def test_the_submit_command_passes_site_options_and_dry_runs_despite_missing_inputs(tmp_path, capsys, caplog):
+    from nativetok.cli import main
+
+    code = main(["submit", EXPERIMENT, f"run.dir={tmp_path / 'run'}", "--dry-run", "--time", "2-12",
+                 "--sbatch=--qos=high", "--sbatch", "constraint=a100", "--setup", "module load cuda/12.1"])
+    script = capsys.readouterr().out
+    assert code == 0 and "#SBATCH --time=2-12:00:00" in script and "module load cuda/12.1\n" in script
+    assert "#SBATCH --qos=high\n#SBATCH --constraint=a100\n" in script
+    assert f"data.index: {REPO / 'data' / 'imagenet256' / 'index.json'}" in caplog.text  # warned, not refused
+    assert main(["submit", EXPERIMENT, f"run.dir={tmp_path / 'run'}", "--time", "2-12"]) == 2
+    assert "nothing submitted" in capsys.readouterr().err and not (tmp_path / "run").exists()

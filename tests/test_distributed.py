@@ -74,9 +74,10 @@ def uneven(tmp_path_factory, fmnist_index):
     return root / "index.json"
 
 
-def run_ddp(tmp_path: Path, experiment: Path, overrides: list) -> list:
+def run_ddp(tmp_path: Path, experiment: Path, overrides: list, script_text: str = SCRIPT) -> list:
+    """Train on 2 CPU processes; each rank writes rank<r>.json (or another record `script_text` chooses)."""
     script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT)
+    script.write_text(script_text)
     out = tmp_path / "records"
     out.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
@@ -86,7 +87,7 @@ def run_ddp(tmp_path: Path, experiment: Path, overrides: list) -> list:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
 
 
 def check_ranks(records: list, run_dir: Path, steps: int, val_count: int) -> None:

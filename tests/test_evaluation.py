@@ -165,11 +165,16 @@ def test_entropy_metrics_see_independent_and_copied_tokens():
 
 def test_compare_presets_load_and_bad_ones_are_refused(tmp_path):
     preset = load_preset(REPO / "experiments" / "compare" / "default.yaml")
-    assert preset.kinds == ["nativetok", "parallel", "causal_mask"] and preset.images >= 2
+    assert preset.kinds == ["nativetok", "parallel", "causal_mask"] and preset.images >= 5000
+    assert len(preset.seeds) >= 3 and preset.prefix_dropout > 0
     load_preset(REPO / "experiments" / "compare" / "full.yaml")
+    load_preset(REPO / "experiments" / "compare" / "quick.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("kinds: [nativetok, vqgan]\n")
     with pytest.raises(Exception, match="'vqgan' is not one of"):
+        load_preset(bad)
+    bad.write_text("seeds: [1, 1]\n")
+    with pytest.raises(Exception, match="seeds: needs distinct seeds"):
         load_preset(bad)
     bad.write_text("imagez: 10\n")
     with pytest.raises(Exception, match="unknown key 'imagez'"):
@@ -177,7 +182,8 @@ def test_compare_presets_load_and_bad_ones_are_refused(tmp_path):
 
 
 def test_compare_runs_the_whole_comparison_on_a_tiny_preset(tmp_path, fmnist_index, weights):
-    """Three tokenizers, their tokens, one AR generator each, FID/KID and the table (tiny sizes, real data)."""
+    """Two kinds and the prefix-dropout row, two seeds each: tokens, one AR generator each, FID/KID, the prefix
+    curve, the table with mean ± sd and verdicts (tiny sizes, real data)."""
     from nativetok.data.shards import DatasetIndex
     from nativetok.eval.compare import compare
 
@@ -196,7 +202,9 @@ def test_compare_runs_the_whole_comparison_on_a_tiny_preset(tmp_path, fmnist_ind
     small = [o for o in TINY if not o.startswith("growth")] + [f"data.index={images / 'index.json'}",
                                                                "trainer.max_steps=2", "trainer.val_every_n_steps=2"]
     preset = {
-        "tokenizer_experiment": "tok.yaml", "generator_experiment": "gen.yaml", "images": 6,
+        "tokenizer_experiment": "tok.yaml", "generator_experiment": "gen.yaml", "images": 6, "seeds": [0, 1],
+        "kinds": ["nativetok", "parallel"],
+        "reference_images": 20, "prefix_dropout": 0.25, "prefix_images": 4, "prefix_fid": True,
         "tokenizer": small,
         "nativetok": ["growth.stages=[{step: 0, experts: 4}, {step: 1, experts: 8}]"],
         "generator": ["generator.width=32", "generator.depth=1", "generator.heads=2", "data.batch_size=32",
@@ -207,12 +215,23 @@ def test_compare_runs_the_whole_comparison_on_a_tiny_preset(tmp_path, fmnist_ind
 
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(preset))
     results = compare(str(tmp_path / "tiny.yaml"), tmp_path / "out")
-    assert list(results) == ["nativetok", "parallel", "causal_mask"]
-    target = results["nativetok"]["parameters"]
-    for kind in ("parallel", "causal_mask"):  # the matched MIT depth brings the counts close
-        assert abs(results[kind]["parameters"] - target) < 0.25 * target
-        assert results[kind]["mit_depth"] > 1
-    table = (tmp_path / "out" / "tiny" / "comparison.md").read_text()
-    assert table.count("\n| ") >= 4 and "gFID" in table
-    assert (tmp_path / "out" / "tiny" / "bits_per_position.png").is_file()
-    assert all(len(r["conditional_bits"]) == 8 and r["gfid"] >= 0 for r in results.values())
+    assert list(results) == ["nativetok", "parallel", "nativetok+prefix_dropout"]
+    target = results["nativetok"]["parameters"]  # the matched MIT depth brings the counts close
+    assert abs(results["parallel"]["parameters"] - target) < 0.25 * target and results["parallel"]["mit_depth"] > 1
+    folder = tmp_path / "out" / "tiny"
+    table = (folder / "comparison.md").read_text()
+    assert "gFID" in table and "± " in table and "seeds [0, 1]" in table and "class-balanced" in table
+    assert "bits/token: " in table and "FID k=1" in table
+    for name in ("bits_per_position.png", "prefix_psnr.png", "prefix_fid.png"):
+        assert (folder / name).is_file()
+    for row in results.values():
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        for run in row["runs"]:
+            assert len(run["conditional_bits"]) == 8 and run["gfid"] >= 0
+            assert list(run["prefix"]) == ["1", "2", "4", "8"] and all("fid" in v for v in run["prefix"].values())
+    assert results["nativetok"]["runs"][0]["rfid"] != results["nativetok"]["runs"][1]["rfid"]  # seeds differ
+    summary = json.loads((folder / "comparison.json").read_text())["summary"]
+    assert summary["nativetok"]["gfid"]["n"] == 2
+    config = (folder / "nativetok+prefix_dropout" / "seed0" / "tokenizer" / "config.yaml").read_text()
+    assert "random_prefix: 0.25" in config
+    assert "random_prefix: 0.0" in (folder / "nativetok" / "seed0" / "tokenizer" / "config.yaml").read_text()

@@ -204,8 +204,8 @@ def test_generators_train_through_lightning_and_sample_reproducibly(pipeline, ki
     second = sample_to_folder(str(checkpoint), pipeline["root"] / f"samples-{kind}-2", classes=[0, 3], per_class=3,
                               batch_size=4, device="cpu", cfg_scale=1.5)
     a, b = np.load(first / "samples.npz"), np.load(second / "samples.npz")
-    assert a["images"].shape == (6, 32, 32, 1) and a["labels"].tolist() == [0, 0, 0, 3, 3, 3]
-    assert np.array_equal(a["images"], b["images"])
+    assert a["arr_0"].shape == (6, 32, 32, 3) and a["labels"].tolist() == [0, 0, 0, 3, 3, 3]
+    assert np.array_equal(a["arr_0"], b["arr_0"])
     assert len(list((first / "images").glob("*.png"))) == 6 and (first / "grid.png").is_file()
     assert json.loads((first / "samples.json").read_text())["sampling"]["cfg_scale"] == 1.5
     with pytest.raises(ValueError, match="unknown class ids \\[10\\]"):
@@ -230,8 +230,8 @@ def test_tokenize_sample_and_eval_fid_run_under_autocast(pipeline, tmp_path):
     for precision in ("bf16-mixed", "16-mixed"):
         folder = sample_to_folder(checkpoint, tmp_path / precision, classes=[1], per_class=2, device="cpu",
                                   precision=precision)
-        images = np.load(folder / "samples.npz")["images"]
-        assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
+        images = np.load(folder / "samples.npz")["arr_0"]
+        assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
 
     scores = evaluate_fid(tokenizer_path=str(pipeline["tokenizer"]), num=8, data=str(pipeline["images"]),
                           device="cpu", precision="bf16-mixed")

@@ -48,6 +48,7 @@ def test_stage1_steps_make_no_host_sync_through_growth_restarts_and_the_gan(tiny
         "trainer.progress_bar=true", "tokenizer.quantizer.restart_dead_after=8", "optim.grad_clip=1.0",
         "loss.disc_weight=0.1", "loss.disc_start=6", "loss.lecam_weight=0.001",
         "growth.stages=[{step: 0, experts: 4, train: [all]}, {step: 5, experts: 8, train: [decoder, codebook]}]",
+        "growth.allow_moving_frozen_tokens=true",  # restarts in the growth stage too
     )
     probe = SyncProbe()
     trainer, module = fit(config, [probe])

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import List, Optional
 
@@ -116,8 +117,22 @@ def _eval_fid(args: argparse.Namespace) -> None:
         tokenizer_path=args.tokenizer, generator_path=args.generator, samples=args.samples, num=args.num,
         data=args.data, real_split=args.split, reference_split=args.reference_split, inception=args.inception,
         device=args.device, seed=args.seed, out=Path(args.out), precision=args.precision,
-        tokenizer_mismatch_ok=args.tokenizer_mismatch_ok,
+        tokenizer_mismatch_ok=args.tokenizer_mismatch_ok, reference_images=args.reference_images,
+        ref_stats=args.ref_stats,
     )
+
+
+def _ref_stats(args: argparse.Namespace) -> None:
+    import torch
+
+    from nativetok.eval.fid import reference_stats
+    from nativetok.eval.inception import InceptionFeatures, inception_weights
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = InceptionFeatures(inception_weights(args.inception), device)
+    stats = reference_stats(args.data, args.split, args.images, args.seed, extractor)
+    stats.save(Path(args.out))
+    print(f"{args.out}: {stats.describe()}")
 
 
 def _token_metrics(args: argparse.Namespace) -> None:
@@ -130,20 +145,82 @@ def _token_metrics(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from nativetok.eval.compare import compare
 
-    compare(args.preset, Path(args.out), seed=args.seed)
+    compare(args.preset, Path(args.out), seeds=args.seeds)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from nativetok.export import export
+
+    print(export(args.checkpoint, Path(args.out), tokenizer=args.tokenizer, include_tokenizer=not args.no_tokenizer))
+
+
+def _ablate(args: argparse.Namespace) -> None:
+    from nativetok.eval.ablation import ablate
+
+    ablate(args.preset, Path(args.out))
 
 
 def _submit(args: argparse.Namespace) -> None:
-    from nativetok.cluster.slurm import Resources, submit
+    from nativetok.cluster.slurm import Resources, Site, submit
+    from nativetok.config.loading import resolve_experiment
 
     resources = Resources(args.nodes, args.gpus, args.cpus_per_task, args.time, args.partition, args.account)
-    job = submit(args.experiment, args.overrides, resources, venv=Path(args.venv), dry_run=args.dry_run)
+    site = Site(args.sbatch, args.setup, args.template)
+    experiment = str(resolve_experiment(args.experiment))  # the job script names the file, not the name
+    job = submit(experiment, args.overrides, resources, venv=Path(args.venv), dry_run=args.dry_run, site=site)
     if job:
         print(job)
 
 
+DESCRIPTION = """Train native visual tokenizers (stage 1) and class-conditional generators on their tokens
+(stage 2), then sample, measure (FID, comparisons, ablations), submit to SLURM and export."""
+
+TASKS = """\
+typical tasks (`nativetok <command> --help` for each command's options):
+  train the tokenizer            nativetok train fmnist_tiny
+  ... on a GPU, for 500 steps    nativetok train fmnist_tiny +trainer=gpu trainer.max_steps=500
+  check that a run starts        nativetok train fmnist_tiny trainer.fast_dev_run=true
+  print the resolved config      nativetok config fmnist_tiny +trainer=ddp
+  images to token shards         nativetok tokenize --tokenizer runs/fmnist_tiny/checkpoints/last.ckpt \\
+                                   --out data/tokens/fmnist_tiny --flip
+  train the generator            nativetok train fmnist_tiny_ar
+  sample images                  nativetok sample --generator runs/fmnist_tiny_ar/checkpoints/last.ckpt \\
+                                   --out runs/samples/fmnist_tiny_ar --cfg 2.0
+  rFID / gFID                    nativetok eval-fid --tokenizer runs/fmnist_tiny/checkpoints/last.ckpt \\
+                                   --generator runs/fmnist_tiny_ar/checkpoints/last.ckpt
+  compare token kinds            nativetok compare --preset default --out runs/compare
+  ablate the tokenizer           nativetok ablate --preset hnt --out runs/ablation
+  train on SLURM                 nativetok submit imagenet256_nativetok_l32 --nodes 2 --time 2-00:00:00
+  share a model                  nativetok export runs/fmnist_tiny_ar/checkpoints/last.ckpt exports/fmnist_tiny_ar
+"""
+
+EXPERIMENT_HELP = "a name (fmnist_tiny: experiments/fmnist_tiny.yaml, here or in the repository) or a path"
+OVERRIDES_HELP = ("+group=name merges experiments/<group>/<name>.yaml (e.g. +trainer=gpu), then key=value, "
+                  "e.g. trainer.max_steps=200 data.batch_size=64")
+
+
+def _experiments_epilog() -> str:
+    """The experiment names and presets this directory offers, for --help."""
+    from nativetok.config.loading import available_experiments, preset_groups
+
+    names = ", ".join(available_experiments()) or "none found under ./experiments or the repository"
+    lines = [textwrap.fill(f"experiments: {names}", width=100, subsequent_indent="  ", break_on_hyphens=False)]
+    lines += [f"presets: +{group}={'|'.join(files)}" for group, files in preset_groups().items() if files]
+    return "\n".join(lines) + "\n"
+
+
+def _experiment_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("experiment", help=EXPERIMENT_HELP)
+    command.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nativetok", description=__doc__)
+    from nativetok import __version__
+
+    experiments = _experiments_epilog()
+    parser = argparse.ArgumentParser(prog="nativetok", description=DESCRIPTION, epilog=TASKS + "\n" + experiments,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -175,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(same settings always resume)")
     shard.set_defaults(func=_shard)
 
-    train = commands.add_parser("train", help="train the stage an experiment file describes")
-    train.add_argument("experiment", help="experiments/<name>.yaml")
-    train.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.max_steps=200 data.batch_size=64")
+    train = commands.add_parser("train", help="train the stage an experiment describes", epilog=experiments,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _experiment_arguments(train)
     train.set_defaults(func=_train)
 
     tokenize = commands.add_parser("tokenize", help="encode image shards into token shards with a tokenizer")
@@ -194,16 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_option(tokenize)
     tokenize.set_defaults(func=_tokenize)
 
-    sample = commands.add_parser("sample", help="class-conditional samples of a generator, decoded to images")
+    sample = commands.add_parser(
+        "sample", help="class-conditional samples of a generator, decoded to images",
+        description="Under torchrun or srun the ranks share the batches and write the images one process would.")
     sample.add_argument("--generator", required=True, help="stage-2 checkpoint")
     sample.add_argument("--tokenizer", default=None, help="default: the one the generator was trained with")
     sample.add_argument("--out", required=True)
     sample.add_argument("--classes", type=int, nargs="+", default=None, help="default: every class")
     sample.add_argument("--per-class", type=_positive_int, default=8)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=_positive_int, default=64)
-    sample.add_argument("--device", default=None)
-    sample.add_argument("--format", choices=["png", "npz", "both"], default="both")
+    sample.add_argument("--batch-size", type=_positive_int, default=64,
+                        help="batch b is drawn with seed SEED + b: another batch size gives other images")
+    sample.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
+    sample.add_argument("--format", choices=["png", "npz", "both"], default="both",
+                        help="npz: ADM's samples.npz (arr_0, uint8 NHWC RGB) for its evaluator")
     sample.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the config's)")
     sample.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None)
     sample.add_argument("--temperature", type=float, default=None)
@@ -220,7 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--tokenizer", default=None, help="stage-1 checkpoint: reconstruction FID")
     fid.add_argument("--generator", default=None, help="stage-2 checkpoint: generation FID of its samples")
     fid.add_argument("--samples", type=Path, default=None, help="a folder of sample images instead of --generator")
-    fid.add_argument("--num", type=int, default=1000, help="images on each side")
+    fid.add_argument("--num", type=int, default=None,
+                     help="images per set (default: the config's evaluation.images; papers use 50000)")
+    fid.add_argument("--reference-images", type=int, default=None,
+                     help="gFID reference: a seeded class-balanced subset of this many images of the reference "
+                          "split, 0 for all of it (default: the config's evaluation.reference_images)")
+    fid.add_argument("--ref-stats", type=Path, default=None,
+                     help="gFID against these statistics: a `nativetok ref-stats` .npz or an ADM reference "
+                          "batch (.npz with mu/sigma, or arr_0 images)")
     fid.add_argument("--data", default=None, help="real images' index.json (default: the tokenizer's data)")
     fid.add_argument("--split", default="val", help="real split for rFID")
     fid.add_argument("--reference-split", default="train", help="real split gFID compares against")
@@ -234,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_option(fid)
     fid.set_defaults(func=_eval_fid)
 
+    ref = commands.add_parser("ref-stats", help="gFID reference statistics of a split, as a reusable .npz")
+    ref.add_argument("--data", required=True, help="the real images' index.json")
+    ref.add_argument("--split", default="train")
+    ref.add_argument("--images", type=int, default=0,
+                     help="a seeded class-balanced subset of this many images; 0 (default): the whole split")
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--inception", default=None, help="torch-fidelity InceptionV3 weights (default: converted)")
+    ref.add_argument("--device", default=None)
+    ref.add_argument("--out", required=True, help="the .npz to write (mu, sigma: ADM's keys)")
+    ref.set_defaults(func=_ref_stats)
+
     tokens = commands.add_parser("token-metrics", help="per-position entropies of a tokenizer's tokens (AR model)")
     tokens.add_argument("--generator", required=True, help="an AR stage-2 checkpoint")
     tokens.add_argument("--data", default=None, help="token shards' index.json (default: the generator's)")
@@ -244,20 +343,42 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="NativeTok vs parallel vs causal-mask tokens, same generator")
     compare.add_argument("--preset", default="default", help="experiments/compare/<name>.yaml, or a path")
     compare.add_argument("--out", default="runs/compare")
-    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
     compare.set_defaults(func=_compare)
 
-    submit = commands.add_parser("submit", help="render the sbatch script of a training run and submit it")
-    submit.add_argument("experiment")
-    submit.add_argument("overrides", nargs="*", help="key=value")
+    ablate = commands.add_parser("ablate", help="tokenizer variants x seeds: prefix PSNR, mean ± sd, 2-SE verdicts")
+    ablate.add_argument("--preset", default="hnt", help="experiments/ablation/<name>.yaml, or a path")
+    ablate.add_argument("--out", default="runs/ablation")
+    ablate.set_defaults(func=_ablate)
+
+    from nativetok.cluster.slurm import PLACEHOLDERS, TIME_FORMATS
+
+    submit = commands.add_parser(
+        "submit", help="render the sbatch script of a training run and submit it",
+        description="Check the experiment and every file the job reads (data index and shards, weights, "
+                    "checkpoints, --venv), then render the sbatch script and submit it. Example: nativetok submit "
+                    "imagenet256_nativetok_l32 --nodes 2 --time 2-00:00:00 --sbatch=--qos=high "
+                    "--sbatch constraint=a100 --setup 'module load cuda/12.1'")
+    _experiment_arguments(submit)
     submit.add_argument("--nodes", type=int, default=1)
     submit.add_argument("--gpus", type=int, default=8, help="GPUs per node (one task each)")
     submit.add_argument("--cpus-per-task", type=int, default=8)
-    submit.add_argument("--time", default="24:00:00")
+    submit.add_argument("--time", default="24:00:00",
+                        help=f"time limit, as sbatch reads it: {TIME_FORMATS} (e.g. 90, 36:00:00, 2-00:00:00); "
+                             "at least 2 minutes. Default 24:00:00")
     submit.add_argument("--partition", default=None)
     submit.add_argument("--account", default=None)
+    submit.add_argument("--sbatch", action="append", default=[], metavar="LINE",
+                        help="an extra #SBATCH LINE (repeatable): --sbatch=--qos=high, --sbatch 'mem=0', "
+                             "--sbatch constraint=a100 (leading -- added when missing)")
+    submit.add_argument("--setup", action="append", default=[], metavar="LINE",
+                        help="a shell line run before the venv is activated (repeatable), e.g. 'module load cuda/12.1'")
+    submit.add_argument("--template", type=Path, default=None, metavar="FILE",
+                        help="a site's copy of src/nativetok/cluster/sbatch.template; placeholders: "
+                             + ", ".join(f"${{{name}}}" for name in PLACEHOLDERS) + " (${command} required)")
     submit.add_argument("--venv", default=".venv", help="virtual environment the job activates")
-    submit.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="print the script instead of submitting it (missing inputs are only warned about)")
     submit.set_defaults(func=_submit)
 
     bench = commands.add_parser("bench", help="speed and memory as ratios measured in one run (CPU or GPU table)")
@@ -266,9 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="tiny shapes only")
     bench.set_defaults(func=_bench)
 
-    config = commands.add_parser("config", help="print the resolved, checked config of an experiment")
-    config.add_argument("experiment")
-    config.add_argument("overrides", nargs="*", help="key=value")
+    export = commands.add_parser("export", help="a checkpoint as a folder to share: model.safetensors (EMA weights "
+                                 "when present), config.json and a README.md model card")
+    export.add_argument("checkpoint", help="a tokenizer or generator checkpoint (runs/<name>/checkpoints/last.ckpt)")
+    export.add_argument("out", help="the folder to write (an earlier export there is replaced)")
+    export.add_argument("--tokenizer", default=None,
+                        help="generators: the tokenizer to bundle in OUT/tokenizer, sha256 checked against the pin "
+                             "(default: the pinned one)")
+    export.add_argument("--no-tokenizer", action="store_true", help="generators: do not bundle the tokenizer")
+    export.set_defaults(func=_export)
+
+    config = commands.add_parser("config", help="print the resolved, checked config of an experiment",
+                                 epilog=experiments, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _experiment_arguments(config)
     config.set_defaults(func=_config)
     return parser
 

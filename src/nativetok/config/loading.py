@@ -1,29 +1,36 @@
 """Load an experiment: YAML files composed with `extends`, `key=value` overrides, schema and value checks.
 
-Every error names the offending key and where its value came from (a file or the command line), and
-is raised before any work starts.
+An experiment is a path or a name (`fmnist_tiny`: experiments/fmnist_tiny.yaml under the current directory,
+else under the repository). `+group=name` on the command line merges experiments/<group>/<name>.yaml (e.g.
+`+trainer=gpu`) over the experiment, before the `key=value` overrides. Every error names the offending key
+and where its value came from (a file or the command line), and is raised before any work starts.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 import re
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
-from nativetok.config.schema import ComparePreset, ExperimentConfig, SamplingConfig
+from nativetok.config.schema import AblationPreset, ComparePreset, ExperimentConfig, GrowthStage, SamplingConfig
 
 COMMAND_LINE = "command line"
 KEY_PATTERN = re.compile(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b")
 SCHEMA_DEFAULT = "schema default"
 SAVED_CONFIG = "the config saved in the checkpoint"
+# The repository (this file is src/nativetok/config/loading.py): its experiments/ serve any working directory.
+ROOT = Path(__file__).resolve().parents[3]
+# Folders of experiments/ that hold the presets of `nativetok compare` and `ablate`, not config layers.
+NOT_GROUPS = ("ablation", "compare")
 
 
 class ConfigError(ValueError):
@@ -66,11 +73,82 @@ def _suggest(key: str, node_type: Any) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def experiment_roots() -> List[Path]:
+    """experiments/ under the current directory, then under the repository (each once, those that exist)."""
+    roots: List[Path] = []
+    for base in (Path.cwd(), ROOT):
+        folder = (base / "experiments").resolve()
+        if folder.is_dir() and folder not in roots:
+            roots.append(folder)
+    return roots
+
+
+def available_experiments() -> List[str]:
+    """The names `nativetok train NAME` accepts."""
+    return sorted({path.stem for root in experiment_roots() for path in root.glob("*.yaml")})
+
+
+def resolve_experiment(experiment: str | os.PathLike) -> Path:
+    """A path as given; a bare name (no folder, no .yaml) is experiments/<name>.yaml, looked up under the current
+    directory, then under the repository."""
+    path = Path(experiment)
+    if path.is_file() or len(path.parts) != 1 or path.suffix in (".yaml", ".yml"):
+        return path
+    roots = experiment_roots()
+    for root in roots:
+        if (root / f"{path}.yaml").is_file():
+            return root / f"{path}.yaml"
+    where = " or ".join(str(root) for root in roots) or f"experiments/ (none in {Path.cwd()} or {ROOT})"
+    raise ConfigError(f"no experiment named '{experiment}' in {where}; "
+                      f"available: {', '.join(available_experiments()) or 'none'}")
+
+
+def preset_groups() -> Dict[str, Dict[str, Path]]:
+    """group -> name -> file for `+group=name`: the folders of experiments/ (the current directory's first)."""
+    groups: Dict[str, Dict[str, Path]] = {}
+    for root in experiment_roots():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_GROUPS):
+            names = groups.setdefault(folder.name, {})
+            for file in sorted(folder.glob("*.yaml")):
+                names.setdefault(file.stem, file)
+    return groups
+
+
+def preset_file(group: str, name: str) -> Path:
+    """experiments/<group>/<name>.yaml for `+group=name`; an unknown group or name names the available ones."""
+    groups = preset_groups()
+    if group not in groups:
+        raise ConfigError(f"{COMMAND_LINE}: '+{group}={name}': no preset group '{group}'; "
+                          f"groups: {', '.join(groups) or 'none'}")
+    if name not in groups[group]:
+        raise ConfigError(f"{COMMAND_LINE}: '+{group}={name}': no preset '{name}' in {group}/; "
+                          f"available: {', '.join(groups[group]) or 'none'}")
+    return groups[group][name]
+
+
+def split_presets(overrides: Sequence[str]) -> Tuple[List[Path], List[str]]:
+    """The files of the `+group=name` items, in order, and the other overrides."""
+    files, rest = [], []
+    for item in overrides:
+        if not item.startswith("+"):
+            rest.append(item)
+            continue
+        group, _, name = item[1:].partition("=")
+        if not group or not name or "." in group or "/" in name:
+            raise ConfigError(f"{COMMAND_LINE}: '{item}' is not of the form +group=name (e.g. +trainer=gpu); "
+                              "a key is set without the '+'")
+        files.append(preset_file(group, name))
+    return files, rest
+
+
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     parsed = OmegaConf.create()
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"{COMMAND_LINE}: override '{item}' is not of the form key=value")
+        if item.split("=", 1)[0].strip() == "extends":
+            raise ConfigError(f"{COMMAND_LINE}: '{item}': `extends` is a key of experiment files; on the command "
+                              "line a preset is composed with +group=name, e.g. +trainer=gpu")
         try:
             parsed.merge_with_dotlist([item])
         except (yaml.YAMLError, OmegaConfBaseException) as error:  # an unclosed [ or {, a broken ${...}
@@ -122,14 +200,19 @@ def merge_layers(schema: type, layers: List[Tuple[str, DictConfig]]) -> Any:
 
 
 def compose(path: str | os.PathLike, overrides: Sequence[str] = ()) -> LoadedConfig:
-    """Merge the experiment file (with its parents) and the overrides into the typed schema."""
-    layers = _read_yaml(Path(path))
-    layers.append((COMMAND_LINE, parse_overrides(overrides)))
+    """Merge the experiment file (with its parents), the `+group=name` presets and the `key=value` overrides,
+    in that order, into the typed schema."""
+    presets, values = split_presets(overrides)
+    layers = _read_yaml(resolve_experiment(path))
+    for preset in presets:
+        layers += _read_yaml(preset)
+    layers.append((COMMAND_LINE, parse_overrides(values)))
     return LoadedConfig(merge_layers(ExperimentConfig, layers), layers)
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """The experiment at `path` with `key=value` overrides, checked; raises ConfigError naming the key."""
+    """The experiment at `path` (or named so) with `+group=name` and `key=value` overrides, checked; raises
+    ConfigError naming the key."""
     loaded = compose(path, overrides)
     problems = list(check_values(loaded.config))
     if problems:
@@ -145,8 +228,36 @@ def load_preset(path: str | os.PathLike) -> ComparePreset:
     problems = [f"kinds: '{k}' is not one of {choices}" for k in preset.kinds if k not in TOKENIZER_KINDS]
     if preset.images < 2:
         problems.append(f"images: needs at least 2 images for FID and KID, got {preset.images}")
+    if not preset.seeds or len(set(preset.seeds)) != len(preset.seeds):
+        problems.append(f"seeds: needs distinct seeds, got {list(preset.seeds)}")
+    if not 0 <= preset.prefix_dropout < 1:
+        problems.append(f"prefix_dropout: must be in [0, 1), got {preset.prefix_dropout}")
+    problems += [f"{name}: must be >= 0, got {getattr(preset, name)}" for name in ("reference_images", "prefix_images")
+                 if getattr(preset, name) < 0]
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
+    return preset
+
+
+def load_ablation(path: str | os.PathLike) -> AblationPreset:
+    """An ablation preset (experiments/ablation/*.yaml); every variant's config is checked before any training."""
+    preset = merge_layers(AblationPreset, _read_yaml(Path(path)))
+    problems = []
+    if not preset.variants:
+        problems.append("variants: no variant to run")
+    if preset.reference not in preset.variants:
+        problems.append(f"reference: '{preset.reference}' is not one of the variants {', '.join(preset.variants)}")
+    if not preset.seeds or len(set(preset.seeds)) != len(preset.seeds):
+        problems.append(f"seeds: needs distinct seeds, got {list(preset.seeds)}")
+    if preset.images < 1:
+        problems.append(f"images: needs at least 1 image, got {preset.images}")
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    for name, overrides in preset.variants.items():
+        try:
+            load_config(Path(path).parent / preset.experiment, [*preset.common, *overrides])
+        except ConfigError as error:
+            raise ConfigError(f"{path}: variant '{name}': {error}") from None
     return preset
 
 
@@ -171,6 +282,11 @@ Check = Iterable[Tuple[str, str]]
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 TOKENIZER_KINDS = ("nativetok", "parallel", "causal_mask")
 TRAINABLE_PARTS = ("all", "mit", "old_experts", "codebook", "decoder")
+# What `build_trainer` sets up and the tests run (ddp: on CPU processes in test_distributed.py).
+STRATEGIES = ("auto", "ddp")
+LOGGERS = ("tensorboard", "csv", "wandb")
+PROFILERS = (None, "simple", "advanced")
+WANDB_MODES = (None, "online", "offline")
 
 
 def _not_finite(value: Any) -> bool:
@@ -272,10 +388,24 @@ def check_trainer(c: ExperimentConfig) -> Check:
     yield from _positive("trainer", t, "max_nonfinite_steps")
     yield from _non_negative("trainer", t, "images_every_n_steps", "checkpoint_every_n_steps")
     yield from _choice("trainer.precision", str(t.precision), PRECISIONS)
+    if not (isinstance(t.progress_bar, bool) or t.progress_bar == "auto"):
+        yield "trainer.progress_bar", f"must be true, false or auto; got {t.progress_bar!r}"
     if t.cuda_graphs and t.accelerator == "cpu":
         yield "trainer.cuda_graphs", "needs a CUDA device (trainer.accelerator gpu or auto)"
     if t.cuda_graphs and c.stage != "tokenizer":
         yield "trainer.cuda_graphs", "captures the stage-1 encoder; stage 2 training does not use it"
+    if t.strategy not in STRATEGIES:
+        yield "trainer.strategy", (
+            f"must be one of {', '.join(STRATEGIES)} (what this project sets up and tests); got '{t.strategy}'"
+        )
+    yield from _choice("trainer.logger", t.logger, LOGGERS)
+    if t.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+        yield "trainer.logger", "wandb needs the wandb package (pip install wandb); or use tensorboard or csv"
+    if t.wandb_mode not in WANDB_MODES:
+        yield "trainer.wandb_mode", f"must be null, online or offline; got '{t.wandb_mode}'"
+    if t.profiler not in PROFILERS:
+        yield "trainer.profiler", f"must be null, simple or advanced; got '{t.profiler}'"
+    yield from _trainer_debugging(c)
     count = device_count(t.devices)
     if t.devices != "auto" and not (count is not None and count >= 1):
         yield "trainer.devices", f"must be auto, a positive count or a non-empty list of device ids; got {t.devices!r}"
@@ -283,6 +413,27 @@ def check_trainer(c: ExperimentConfig) -> Check:
     if world is not None and world >= 1 and c.data.batch_size % world:
         yield "data.batch_size", (
             f"the global batch size {c.data.batch_size} must be divisible by devices x nodes = {world}"
+        )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _trainer_debugging(c: ExperimentConfig) -> Check:
+    """Lightning's debugging flags, checked here so that a bad one stops before the run starts."""
+    t = c.trainer
+    if not (isinstance(t.fast_dev_run, bool) or _count(t.fast_dev_run)):
+        yield "trainer.fast_dev_run", f"must be true, false or a batch count >= 0; got {t.fast_dev_run!r}"
+    limit = t.limit_val_batches
+    if not (_count(limit) or (isinstance(limit, float) and 0.0 <= limit <= 1.0)):
+        yield "trainer.limit_val_batches", f"must be a batch count >= 0 or a fraction in [0.0, 1.0]; got {limit!r}"
+    if t.accumulate_grad_batches < 1:
+        yield "trainer.accumulate_grad_batches", f"must be >= 1, got {t.accumulate_grad_batches}"
+    elif t.accumulate_grad_batches > 1 and c.stage == "tokenizer":
+        yield "trainer.accumulate_grad_batches", (
+            "stage 1 steps its autoencoder and discriminator optimizers by hand, which Lightning cannot accumulate; "
+            "raise data.batch_size (or trainer.devices) instead"
         )
 
 
@@ -316,10 +467,11 @@ def check_loss(c: ExperimentConfig) -> Check:
         "loss", loss, "pixel_weight", "perceptual_weight", "quantizer_weight", "disc_weight",
         "disc_start", "lecam_weight",
     )
-    if loss.perceptual_weight > 0:  # the files themselves are checked when the loss is built
-        for name in ("vgg_weights", "lin_weights"):
-            if not getattr(loss.perceptual, name):
-                yield f"loss.perceptual.{name}", "loss.perceptual_weight > 0 needs this weights file"
+    # The files themselves are checked when the loss is built; unset lin_weights are the lpips package's.
+    if loss.perceptual_weight > 0 and not loss.perceptual.vgg_weights:
+        yield "loss.perceptual.vgg_weights", (
+            "loss.perceptual_weight > 0 needs this weights file (torchvision's vgg16-397923af.pth, see data/README.md)"
+        )
     yield from _positive("loss.discriminator", loss.discriminator, "channels", "layers")
 
 
@@ -361,11 +513,25 @@ def check_growth(c: ExperimentConfig) -> Check:
         for part in stage.train:
             if part not in TRAINABLE_PARTS:
                 yield f"{key}.train", f"'{part}' is not one of {', '.join(TRAINABLE_PARTS)}"
+        if previous is not None and not g.allow_moving_frozen_tokens:
+            yield from _frozen_tokens_move(key, stage, previous.experts)
         previous = stage
     if previous is not None and previous.experts != tokens:
         yield f"growth.stages.{len(g.stages) - 1}.experts", (
             f"the last stage must reach tokenizer.num_tokens {tokens}, got {previous.experts}"
         )
+
+
+def _frozen_tokens_move(key: str, stage: GrowthStage, frozen: int) -> Check:
+    """HNT's promise: a growth stage leaves the tokens of the experts it freezes bitwise unchanged."""
+    if "all" in stage.train or "old_experts" in stage.train:
+        return
+    for part in ("mit", "codebook"):
+        if part in stage.train:
+            yield f"{key}.train", (
+                f"trains '{part}' while experts 0-{frozen - 1} are frozen, which changes their tokens; "
+                "drop it, or set growth.allow_moving_frozen_tokens=true to accept that"
+            )
 
 
 def check_generator(c: ExperimentConfig) -> Check:
@@ -382,6 +548,12 @@ def check_generator(c: ExperimentConfig) -> Check:
         yield "generator.tokenizer", "must name the stage-1 checkpoint that made the tokens"
 
 
+def check_evaluation(c: ExperimentConfig) -> Check:
+    if c.evaluation.images < 2:
+        yield "evaluation.images", f"FID and KID need at least 2 images, got {c.evaluation.images}"
+    yield from _non_negative("evaluation", c.evaluation, "reference_images")
+
+
 def check_sampling(c: ExperimentConfig) -> Check:
     """sampling.* in a config, and the `sample` command's options (check_sampling_options)."""
     s = c.sampling
@@ -393,8 +565,10 @@ def check_sampling(c: ExperimentConfig) -> Check:
 
 
 STAGE_CHECKS: dict[str, List[Callable[[ExperimentConfig], Check]]] = {
-    "tokenizer": [check_run, check_data, check_trainer, check_tokenizer, check_loss, check_optim, check_growth],
-    "generator": [check_run, check_data, check_trainer, check_optim, check_generator, check_sampling],
+    "tokenizer": [check_run, check_data, check_trainer, check_tokenizer, check_loss, check_optim, check_growth,
+                  check_evaluation],
+    "generator": [check_run, check_data, check_trainer, check_optim, check_generator, check_sampling,
+                  check_evaluation],
 }
 
 

@@ -7,7 +7,7 @@ the values that types cannot (every float finite, ranges, choices, consistency b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -58,7 +58,9 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     # Reconstruction / sample grids to TensorBoard every N steps (0: only at the end).
     images_every_n_steps: int = 500
-    progress_bar: bool = True
+    # true, false, or auto: a bar on a terminal outside a SLURM batch job; without one, a log line every
+    # log_every_n_steps (step, images/s, losses, lr, HNT stage, ETA) instead of a bar's redraws.
+    progress_bar: Any = "auto"
     # last.ckpt every N steps (and at the end, and on SIGUSR1/SIGTERM); the one before is previous.ckpt.
     checkpoint_every_n_steps: int = 500
     # A non-finite loss skips its step; this many in a row stop the run.
@@ -68,6 +70,21 @@ class TrainerConfig:
     # graphs, captured once per growth stage; it removes the host's per-op cost of the sequential experts.
     cuda_graphs: bool = False
     deterministic: bool = False
+    # Where scalars go, in the run folder: tensorboard (tb/), csv (csv/metrics.csv) or wandb (needs the wandb
+    # package; image grids go to TensorBoard only, and are always written as PNGs in the run folder).
+    logger: str = "tensorboard"
+    # wandb: the project, and online or offline (null: the WANDB_MODE environment variable, else online).
+    wandb_project: str = "nativetok"
+    wandb_mode: Optional[str] = None
+    # Lightning's debugging flags. fast_dev_run: true or N runs N training and validation batches with no
+    # checkpoint, resume, logger or config.yaml written (a check that the run starts, not a run).
+    fast_dev_run: Any = False
+    # Validation batches per validation: a count, or a fraction of the split (0: no validation).
+    limit_val_batches: Any = 1.0
+    # Stage 2 only: gradients of N batches per optimizer step (N x data.batch_size images per step).
+    accumulate_grad_batches: int = 1
+    # null, simple or advanced: a profile of the run written to <run.dir>/fit-profile.txt.
+    profiler: Optional[str] = None
 
 
 @dataclass
@@ -121,7 +138,8 @@ class TokenizerConfig:
 
 @dataclass
 class PerceptualConfig:
-    # LPIPS-VGG: torchvision's vgg16 weights and LPIPS' linear heads (v0.1 vgg.pth); both downloaded by hand.
+    # LPIPS-VGG: torchvision's vgg16-397923af.pth, downloaded by hand (data/README.md), needed when
+    # loss.perceptual_weight > 0; LPIPS' v0.1 linear heads (vgg.pth), unset: the copy the lpips package ships.
     vgg_weights: Optional[str] = None
     lin_weights: Optional[str] = None
 
@@ -180,6 +198,9 @@ class GrowthConfig:
     # Memory (GiB, on the training device, per rank) for Z and the frozen experts' outputs per image view
     # while the MIT is frozen; a step reuses them for views seen before in the stage. 0: off.
     cache_gib: float = 0.0
+    # A stage that trains the MIT or the codebook while earlier experts are frozen changes those experts'
+    # tokens (their inputs or their codes move), so the config check refuses it unless this is true.
+    allow_moving_frozen_tokens: bool = False
 
 
 @dataclass
@@ -214,6 +235,14 @@ class SamplingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    # Images per FID/KID: samples for gFID, reconstructions for rFID (papers: 50,000 on ImageNet).
+    images: int = 5000
+    # gFID's reference: a seeded, class-balanced subset of this many training images; 0: the whole split.
+    reference_images: int = 10000
+
+
+@dataclass
 class ExperimentConfig:
     # tokenizer: stage 1 (uses tokenizer, loss, growth); generator: stage 2 (uses generator, sampling).
     stage: str = "tokenizer"
@@ -227,6 +256,7 @@ class ExperimentConfig:
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 @dataclass
@@ -237,13 +267,41 @@ class ComparePreset:
     tokenizer_experiment: str = "../fmnist_tiny.yaml"
     generator_experiment: str = "../fmnist_tiny_ar.yaml"
     kinds: List[str] = field(default_factory=lambda: ["nativetok", "parallel", "causal_mask"])
+    # Every row is trained and measured once per seed; tables report mean ± sd over them.
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     # Give each baseline the MIT depth that brings its parameter count closest to NativeTok's.
     match_parameters: bool = True
-    # Images for FID and KID.
-    images: int = 500
+    # Images for rFID/gFID and KID (at least 2,048 for FID that is not dominated by its bias).
+    images: int = 5000
+    # gFID's reference: a seeded class-balanced subset of this many training images (0: all of them).
+    reference_images: int = 10000
+    # Every kind runs the paper's setup (no prefix dropout); this adds a NativeTok row with
+    # decoder.random_prefix at this value (0: no such row).
+    prefix_dropout: float = 0.25
+    # Validation images for the prefix curve (PSNR and, with prefix_fid, FID from the first k tokens).
+    prefix_images: int = 1000
+    prefix_fid: bool = True
     # key=value overrides: for every tokenizer, for one kind, and for every generator.
     tokenizer: List[str] = field(default_factory=list)
     nativetok: List[str] = field(default_factory=list)
     parallel: List[str] = field(default_factory=list)
     causal_mask: List[str] = field(default_factory=list)
     generator: List[str] = field(default_factory=list)
+
+
+@dataclass
+class AblationPreset:
+    """`nativetok ablate`: tokenizer variants of one experiment, each trained with every seed and measured
+    by the PSNR of reconstructions from prefixes of its tokens."""
+
+    # Path relative to the preset file.
+    experiment: str = "../fmnist_tiny.yaml"
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    # Validation images for the prefix PSNR.
+    images: int = 2000
+    # key=value overrides for every variant, then each variant's own.
+    common: List[str] = field(default_factory=list)
+    variants: Dict[str, List[str]] = field(default_factory=dict)
+    # The variant every other one is compared with.
+    reference: str = ""
+

@@ -13,7 +13,7 @@ import torch
 from braceexpand import braceexpand
 
 from nativetok.config.schema import DataConfig
-from nativetok.data.shards import DatasetIndex
+from nativetok.data.shards import DatasetIndex, is_url
 from nativetok.data.stream import (
     DataError,
     EpochLoader,
@@ -45,13 +45,16 @@ class ShardsDataModule(pl.LightningDataModule):
         return self.config.train_split if train else self.config.val_split
 
     def shard_specs(self, train: bool) -> List[ShardSpec]:
-        """The shards of a split, with sample counts where the index knows them; missing ones dropped."""
+        """The shards of a split, with sample counts where the index knows them; missing local files dropped.
+
+        Shards named by URLs or `pipe:` commands cannot be checked before they are read: one that turns out
+        unreadable is skipped and counted then (an error under data.strict), like a corrupt local shard."""
         pattern = self.config.train_shards if train else self.config.val_shards
         known = {}
         if self.index is not None:
-            for split in self.index.splits.values():
-                for entry in split.shards:
-                    known[str((self.index.root / entry.file).resolve())] = entry.samples
+            for name in self.index.splits:
+                paths = self.index.shard_paths(name)
+                known.update((_where(p), e.samples) for p, e in zip(paths, self.index.splits[name].shards))
         if pattern:
             urls = list(braceexpand(pattern))
             source = f"pattern '{pattern}'"
@@ -66,8 +69,11 @@ class ShardsDataModule(pl.LightningDataModule):
                 )
             urls = self.index.shard_paths(split)
             source = f"split '{split}' of {self.config.index}"
-        specs = [ShardSpec(url, known.get(str(Path(url).resolve()))) for url in urls]
-        missing = [s.url for s in specs if not Path(s.url).is_file()]
+        specs = [ShardSpec(url, known.get(_where(url))) for url in urls]
+        remote = sum(is_url(s.url) for s in specs)
+        if remote:
+            log.info("%d of %d shards of %s are URLs or commands: checked as they are read", remote, len(specs), source)
+        missing = [s.url for s in specs if not is_url(s.url) and not Path(s.url).is_file()]
         if missing:
             message = f"{len(missing)} of {len(specs)} shards of {source} are missing: {', '.join(missing[:3])}"
             if self.config.strict or len(missing) == len(specs):
@@ -180,6 +186,11 @@ class ShardsDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         return to_float_images(batch)
+
+
+def _where(url: str) -> str:
+    """What names one shard whether the index or a pattern gives it: a local file's resolved path, a URL as it is."""
+    return url if is_url(url) else str(Path(url).resolve())
 
 
 class ImageShardsDataModule(ShardsDataModule):

@@ -3,7 +3,9 @@
 A shard is `<name>-<split>-NNNNNN.tar`; it appears under its final name only when complete (it is
 written to a temporary name and renamed), so a killed writer never leaves a half shard that looks whole.
 The index (`index.json` beside the shards) lists each split's shards with their sample counts, the
-class names and the image size: the DataModule reads it to split work exactly across ranks.
+class names and the image size: the DataModule reads it to split work exactly across ranks. A shard
+name in the index is a path relative to the index's location (its folder, or the URL it was read from),
+unless the index sets a `base` or the name is itself a URL or a `pipe:` command (see data/README.md).
 
 A manifest (`manifest.json`) records what made a derived folder: the command and every input that
 decides its contents. A re-run with the same inputs resumes; one with other inputs is refused (or, told
@@ -23,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
+from urllib.parse import urljoin, urlparse
 
 import numpy as np
 from PIL import Image
@@ -110,12 +113,16 @@ class DatasetIndex:
     fmt: str = "png"
     # Token shards only: codebook size, tokens per image and the tokenizer (path, sha256) that wrote them.
     tokens: Optional[Dict[str, Any]] = None
-    root: Optional[Path] = None  # folder of the index; shard files are relative to it
+    root: Optional[Path] = None  # folder of a local index; shard files are relative to it
     # The manifest of the run that wrote the shards (absent for shards written without one).
     provenance: Optional[Dict[str, Any]] = None
+    # Where relative shard names are instead: the index's `base` (a folder, a URL, or a `pipe:` command
+    # with {} for the name), else the URL the index was read from.
+    base: Optional[str] = None
 
     def shard_paths(self, split: str) -> List[str]:
-        return [str(self.root / s.file) for s in self.split(split).shards]
+        """Where each shard of `split` is read from: a local path, a URL or a `pipe:` command."""
+        return [resolve_shard(s.file, self.root, self.base) for s in self.split(split).shards]
 
     def split(self, split: str) -> SplitIndex:
         if split not in self.splits:  # a user's --split or data.*_split: a clear error, not a KeyError traceback
@@ -142,6 +149,8 @@ class DatasetIndex:
             body["tokens"] = self.tokens
         if self.provenance is not None:
             body["provenance"] = self.provenance
+        if self.base is not None:
+            body["base"] = self.base
         return body
 
     def save(self, folder: Path) -> Path:
@@ -150,13 +159,17 @@ class DatasetIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DatasetIndex":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"dataset index not found: {path} (image shards: `make data` or `nativetok shard`; "
-                f"token shards: `make tokenize` or `nativetok tokenize`)"
-            )
-        raw = json.loads(path.read_text())
+        """Read an index from a local path, or from a URL or `pipe:` command (through webdataset.gopen)."""
+        if is_url(str(path)):
+            raw, root, base = _read_remote_json(str(path)), None, _url_folder(str(path))
+        else:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"dataset index not found: {path} (image shards: `make data` or `nativetok shard`; "
+                    f"token shards: `make tokenize` or `nativetok tokenize`)"
+                )
+            raw, root, base = json.loads(path.read_text()), path.parent, None
         try:
             splits = {
                 split: SplitIndex([ShardEntry(s["file"], int(s["samples"])) for s in body["shards"]])
@@ -170,11 +183,55 @@ class DatasetIndex:
                 splits=splits,
                 fmt=raw.get("format", "png"),
                 tokens=raw.get("tokens"),
-                root=path.parent,
+                root=root,
                 provenance=raw.get("provenance"),
+                base=raw.get("base", base),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: not a NativeTok dataset index ({error!r})") from None
+
+
+def is_url(name: str) -> bool:
+    """Whether a shard or index name is a URL or a `pipe:` command (opened by webdataset.gopen) rather than a
+    local path."""
+    return len(urlparse(name).scheme) > 1  # a one-letter scheme is a Windows drive
+
+
+def resolve_shard(name: str, root: Optional[Path], base: Optional[str]) -> str:
+    """The location of an index's shard entry: a URL or `pipe:` command as it is; else `name` under `base`
+    (substituted for {} in it, joined to a URL, or a folder relative to the index's); else in `root`."""
+    if is_url(name):
+        return name
+    if base is None:
+        if root is None:
+            raise ValueError(f"shard '{name}' is relative, but its index was read through a pipe: give it a 'base'")
+        return str(root / name)
+    if "{}" in base:
+        return base.replace("{}", name)
+    if base.startswith("pipe:"):
+        raise ValueError(f"index base '{base}' is a pipe: command without {{}} where the shard name goes")
+    if is_url(base):
+        return urljoin(base if base.endswith("/") else base + "/", name)
+    return str((root or Path()) / base / name)
+
+
+def _url_folder(url: str) -> Optional[str]:
+    """The folder of an index read from a URL, where its relative shard names are; None for a `pipe:` command."""
+    return None if url.startswith("pipe:") else urljoin(url, ".")
+
+
+def _read_remote_json(url: str) -> dict:
+    from webdataset.gopen import gopen
+
+    try:
+        with gopen(url, "rb") as stream:
+            data = stream.read()
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"dataset index not readable: {url} ({error})") from error
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{url}: not a NativeTok dataset index ({error})") from None
 
 
 def write_json(path: Path, body: dict) -> Path:

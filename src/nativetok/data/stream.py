@@ -110,17 +110,42 @@ SHARD_ERRORS = (OSError, tarfile.TarError, ValueError)
 def read_shard(spec: ShardSpec) -> Iterator[dict]:
     """The raw samples (dicts of bytes by extension, with `__key__`) of one shard, in order.
 
-    Raises one of SHARD_ERRORS where the file is missing or the tar is truncated or corrupt; the
-    samples read before that point have been yielded.
+    The shard is opened with `webdataset.gopen`: a local path, a `file:` or http(s) URL (through curl), or
+    a `pipe:` command whose output is the tar. Raises one of SHARD_ERRORS where the shard is missing, the tar
+    is corrupt, the command fails, or it ends short of the samples its index lists (a tar cut off between two
+    files reads as a complete one); the samples read before that point have been yielded.
     """
+    from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    with open(spec.url, "rb") as stream:
-        files = tar_file_expander([{"url": spec.url, "stream": stream}])
-        for number, sample in enumerate(group_by_keys(files)):
-            if spec.limit is not None and number >= spec.limit:
-                return
+    stream = gopen(spec.url, "rb")
+    read, complete = 0, False
+    try:
+        for sample in group_by_keys(tar_file_expander([{"url": spec.url, "stream": stream}])):
+            if spec.limit is not None and read >= spec.limit:
+                break
             yield sample
+            read += 1
+        else:
+            complete = True
+    finally:
+        _close(stream, check=complete)
+    if complete and spec.count is not None and read < spec.count:
+        raise ValueError(f"{spec.url} ends after {read} of the {spec.count} samples its index lists (truncated?)")
+
+
+def _close(stream, check: bool) -> None:
+    """Close a shard's stream. The command behind a `pipe:` or URL stream read to the end (`check`) reports
+    its failure here; one left early (a limit reached, an error, the consumer gone) is killed, not waited
+    for (a stalled download would hold the reader for hours), and its exit status ignored."""
+    process = getattr(stream, "proc", None)
+    if not check and process is not None and process.poll() is None:
+        process.kill()
+    try:
+        stream.close()
+    except OSError:
+        if check:
+            raise
 
 
 def collate(samples: List[dict]) -> dict:

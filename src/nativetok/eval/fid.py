@@ -1,9 +1,12 @@
 """FID, KID and Inception Score through torch-fidelity, on features from offline Inception weights.
 
-Reconstruction FID compares the tokenizer's reconstructions of N validation images with those images;
-generation FID compares N generator samples with N real images. Real-set features are cached per
-dataset, split, image size, count and weights, so a second evaluation only runs Inception on the
-new images. KID (unbiased) is reported beside FID because it is meaningful at small sample counts.
+Reconstruction FID compares the tokenizer's reconstructions of N validation images with those images.
+Generation FID compares N generator samples with reference statistics as papers compute them: the whole
+training split or a seeded, class-balanced subset of it (every class in proportion, never the first N
+images in shard order), computed once and cached under a content hash; or a given file (`--ref-stats`):
+our own `.npz`, or an ADM reference batch (`mu`/`sigma`, or `arr_0` images). KID (unbiased) is reported
+beside FID where the reference keeps features, because it is meaningful at small sample counts; below
+MIN_IMAGES images FID is strongly biased, and a warning says so.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from nativetok.data.shards import DatasetIndex
-from nativetok.data.stream import ShardSpec, ShardStream, limit_samples
+from nativetok.data.stream import ShardSpec, ShardStream, limit_samples, read_shard
 from nativetok.data.transforms import ImageDecoder
 from nativetok.eval.inception import (
     InceptionFeatures,
@@ -29,6 +33,7 @@ from nativetok.eval.inception import (
     cache_dir,
     first_line,
     inception_weights,
+    sha256_file,
 )
 from nativetok.eval.samples import balanced_labels, check_sample_folder, generate_images, to_uint8
 from nativetok.precision import autocast
@@ -72,14 +77,15 @@ class Score:
     name: str
     images: int
     fid: float
-    kid_mean: float
-    kid_std: float
+    kid_mean: Optional[float]
+    kid_std: Optional[float]
     inception_score: Optional[float]
     weights: str
+    reference: str = ""
 
     def row(self) -> str:
         is_text = f"{self.inception_score:.3f}" if self.inception_score is not None else "n/a"
-        kid = f"{self.kid_mean:.5f} ± {self.kid_std:.5f}"
+        kid = f"{self.kid_mean:.5f} ± {self.kid_std:.5f}" if self.kid_mean is not None else "n/a"
         return f"| {self.name} | {self.images} | {self.fid:.3f} | {kid} | {is_text} |"
 
 
@@ -87,7 +93,21 @@ def score(name: str, images: Dict[str, Tensor], reference: Dict[str, Tensor], we
     kid = kernel_inception_distance(images["pool"], reference["pool"])
     isc = inception_score(images["logits"])["mean"] if "logits" in images else None
     return Score(name, len(images["pool"]), frechet_distance(images["pool"], reference["pool"]), kid["mean"],
-                 kid["std"], isc, weights.label)
+                 kid["std"], isc, weights.label, "the same real images")
+
+
+def score_against(name: str, images: Dict[str, Tensor], reference: "ReferenceStats",
+                  weights: InceptionWeights) -> Score:
+    """FID against reference statistics; KID too where the reference keeps features."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = fid_features_to_statistics(images["pool"].double().cpu())
+    fid = fid_statistics_to_metric(stats, {"mu": reference.mu, "sigma": reference.sigma}, verbose=False)
+    kid = (kernel_inception_distance(images["pool"], reference.features) if reference.features is not None
+           else {"mean": None, "std": None})
+    isc = inception_score(images["logits"])["mean"] if "logits" in images else None
+    return Score(name, len(images["pool"]), fid[KEY_METRIC_FID], kid["mean"], kid["std"], isc, weights.label,
+                 reference.describe())
 
 
 def table(scores: List[Score]) -> str:
@@ -116,8 +136,15 @@ def real_images(index_path: str, split: str, count: int, batch_size: int = 250) 
 
 
 def folder_images(folder: Path, count: int) -> Tensor:
-    """The first `count` PNG/JPEG images of a folder (or its images/ subfolder), sorted by name."""
+    """The first `count` PNG/JPEG images of a folder (or its images/ subfolder), sorted by name; a sample
+    folder written with `--format npz` gives the first `count` of its `samples.npz` (ADM's `arr_0`)."""
     folder = Path(folder)
+    if not (folder / "images").is_dir() and (folder / "samples.npz").is_file():
+        with np.load(folder / "samples.npz", allow_pickle=False) as data:
+            images = data["arr_0"]
+        if len(images) < count:
+            raise ValueError(f"{folder}/samples.npz holds {len(images)} images, fewer than the {count} needed")
+        return torch.from_numpy(np.ascontiguousarray(images[:count].transpose(0, 3, 1, 2)))
     if (folder / "images").is_dir():
         folder = folder / "images"
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -180,6 +207,155 @@ def _cached_features(path: Path, count: int) -> Optional[Dict[str, Tensor]]:
     return features
 
 
+# -- gFID reference statistics ----------------------------------------------------------------------------
+
+MIN_IMAGES = 2048  # below this, FID's bias dominates differences between models (and 2048 > feature dim)
+KID_FEATURES = 10000  # features a reference keeps for KID (a seeded subset when it has more)
+
+
+@dataclass
+class ReferenceStats:
+    """The statistics gFID compares against: Inception mean and covariance, features for KID if kept."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int
+    source: str  # what the statistics are of, in words
+    features: Optional[Tensor] = None
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the statistics themselves: results name exactly what they compared against."""
+        return hashlib.sha256(self.mu.astype(np.float64).tobytes() + self.sigma.astype(np.float64).tobytes()
+                              ).hexdigest()
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.count} images, sha256 {self.sha256[:16]})"
+
+    def save(self, path: Path) -> None:
+        """An `.npz` with ADM's keys (`mu`, `sigma`) plus what KID and provenance need; written atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        extra = {"kid_features": self.features.numpy()} if self.features is not None else {}
+        partial = path.with_name(path.name + ".partial.npz")
+        np.savez(partial, mu=self.mu, sigma=self.sigma, count=np.array(self.count), source=np.array(self.source),
+                 **extra)
+        partial.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, extractor: Optional[InceptionFeatures] = None) -> "ReferenceStats":
+        """Our `.npz`, or an ADM reference batch: `mu`/`sigma` as given, else `arr_0` (uint8 NHWC) run
+        through Inception (needs `extractor`). Never unpickles."""
+        with np.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            if {"mu", "sigma"} <= keys:
+                features = torch.from_numpy(data["kid_features"]) if "kid_features" in keys else None
+                count = int(data["count"]) if "count" in keys else 0
+                source = str(data["source"]) if "source" in keys else f"reference statistics {Path(path).name}"
+                mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+                if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+                    raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+                return cls(mu, sigma, count, source, features)
+            if "arr_0" not in keys:
+                raise ValueError(f"{path} holds {sorted(keys)}: expected mu and sigma, or arr_0 (uint8 NHWC images)")
+            images = data["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+        if extractor is None:
+            raise ValueError(f"{path} holds images: computing their statistics needs Inception")
+        features = extractor(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+        return cls.of_features(features["pool"], f"reference batch {Path(path).name}")
+
+    @classmethod
+    def of_features(cls, pool: Tensor, source: str, seed: int = 0) -> "ReferenceStats":
+        from torch_fidelity.metric_fid import fid_features_to_statistics
+
+        stats = fid_features_to_statistics(pool.double().cpu())
+        kept = pool
+        if len(pool) > KID_FEATURES:
+            order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:KID_FEATURES]
+            kept = pool[order.sort().values]
+        return cls(stats["mu"], stats["sigma"], len(pool), source, kept.float().cpu())
+
+
+def split_labels(index_path: str, split: str) -> List[int]:
+    """The label of every sample of a split, in index order (reads the tar members, decodes no image)."""
+    index = DatasetIndex.load(index_path)
+    labels: List[int] = []
+    for path, shard in zip(index.shard_paths(split), index.split(split).shards):
+        labels += [int(sample["cls"]) for sample in read_shard(ShardSpec(path, shard.samples))]
+    return labels
+
+
+def class_balanced_positions(labels: Sequence[int], count: int, seed: int) -> List[int]:
+    """`count` positions drawn without replacement (seeded) so each class gets count / classes of them (the
+    remainder to randomly chosen classes); a class with too few images is an error, not a silent skew."""
+    by_class: Dict[int, List[int]] = {}
+    for position, label in enumerate(labels):
+        by_class.setdefault(label, []).append(position)
+    classes = sorted(by_class)
+    generator = torch.Generator().manual_seed(seed)
+    quota = {c: count // len(classes) for c in classes}
+    for i in torch.randperm(len(classes), generator=generator)[: count % len(classes)].tolist():
+        quota[classes[i]] += 1
+    chosen: List[int] = []
+    for c in classes:
+        if quota[c] > len(by_class[c]):
+            raise ValueError(f"class {c} has {len(by_class[c])} images, fewer than its share {quota[c]} of {count}")
+        picks = torch.randperm(len(by_class[c]), generator=generator)[: quota[c]].tolist()
+        chosen += [by_class[c][i] for i in picks]
+    return sorted(chosen)
+
+
+def images_at(index_path: str, split: str, positions: Sequence[int]) -> Tensor:
+    """The images (uint8 [N, C, H, W]) at the given positions of a split, in position order."""
+    index = DatasetIndex.load(index_path)
+    decoder = ImageDecoder(index.image_size, index.channels, train=False)
+    wanted, images, position = set(positions), [], 0
+    rng = random.Random(0)
+    for path, shard in zip(index.shard_paths(split), index.split(split).shards):
+        if not wanted.intersection(range(position, position + shard.samples)):
+            position += shard.samples
+            continue
+        for sample in read_shard(ShardSpec(path, shard.samples)):
+            if position in wanted:
+                images.append(decoder(sample, rng)["image"])
+            position += 1
+    return torch.stack(images)
+
+
+def reference_stats(index_path: str, split: str, count: int, seed: int, extractor: InceptionFeatures,
+                    cache: Optional[Path] = None) -> ReferenceStats:
+    """Statistics of a whole split (`count` 0 or at least its size) or of a seeded class-balanced subset,
+    computed once: cached under a hash of the index file's content, split, count, seed and the weights."""
+    index = DatasetIndex.load(index_path)
+    available = index.split(split).samples
+    whole = count <= 0 or count >= available
+    identity = {
+        "index_sha256": sha256_file(Path(index_path)), "split": split, "count": available if whole else count,
+        "seed": None if whole else seed, "weights_sha256": sha256_file(extractor.weights.path),
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = (cache or cache_dir()) / "reference-stats" / f"{index.name}-{split}-{identity['count']}-{key}.npz"
+    if path.is_file():
+        try:
+            stats = ReferenceStats.load(path)
+            log.info("gFID reference statistics from cache %s", path)
+            return stats
+        except Exception as error:  # a broken cache entry: rebuilt, never fatal
+            log.warning("reference statistics %s are unusable (%s): computing them again", path, first_line(error))
+    if whole:
+        images, _ = real_images(index_path, split, available)
+        source = f"{index.name} {split}, all {available} images"
+    else:
+        positions = class_balanced_positions(split_labels(index_path, split), count, seed)
+        images = images_at(index_path, split, positions)
+        source = f"{index.name} {split}, {count} images class-balanced (seed {seed})"
+    log.info("gFID reference: Inception features of %s", source)
+    stats = ReferenceStats.of_features(extractor(images)["pool"], source, seed)
+    stats.save(path)
+    return stats
+
+
 @torch.no_grad()
 def reconstructions(tokenizer, images: Tensor, batch_size: int = 250, precision: str = "32-true") -> Tensor:
     device = next(tokenizer.parameters()).device
@@ -191,18 +367,34 @@ def reconstructions(tokenizer, images: Tensor, batch_size: int = 250, precision:
     return torch.cat(out)
 
 
-def save_results(path: Path, scores: List[Score], extra: Optional[dict] = None) -> None:
-    body = {s.name: asdict(s) for s in scores}
-    body.update(extra or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body, indent=1) + "\n")
+def result_record(scores: List[Score], seed: int, warnings: List[str]) -> dict:
+    """The JSON of an evaluation under stable keys (rfid, rkid, gfid, gkid, ...), whatever the set names."""
+    record: dict = {"seed": seed, "warnings": warnings}
+    for s in scores:
+        prefix = "r" if s.name.startswith("rFID") else "g"
+        record.update({f"{prefix}fid": s.fid, f"{prefix}kid": s.kid_mean, f"{prefix}kid_std": s.kid_std,
+                       f"{prefix}images": s.images, f"{prefix}reference": s.reference})
+        if s.inception_score is not None:
+            record[f"{prefix}is"] = s.inception_score
+        record["inception"] = s.weights
+    record["sets"] = {s.name: asdict(s) for s in scores}
+    return record
+
+
+def few_images_warning(count: int) -> List[str]:
+    if count >= MIN_IMAGES:
+        return []
+    message = (f"FID on {count} images (< {MIN_IMAGES}) is strongly biased upwards: compare it only with FIDs "
+               f"on the same number of images, never with published 50k numbers")
+    log.warning(message)
+    return [message]
 
 
 def evaluate_fid(
     tokenizer_path: Optional[str] = None,
     generator_path: Optional[str] = None,
     samples: Optional[Path] = None,
-    num: int = 1000,
+    num: Optional[int] = None,
     data: Optional[str] = None,
     real_split: str = "val",
     reference_split: str = "train",
@@ -212,13 +404,17 @@ def evaluate_fid(
     out: Optional[Path] = None,
     precision: str = "32-true",
     tokenizer_mismatch_ok: bool = False,
+    reference_images: Optional[int] = None,
+    ref_stats: Optional[Path] = None,
 ) -> List[Score]:
     """rFID of a tokenizer and/or gFID of a generator (or a folder of samples); results as JSON and a table.
 
-    The image data defaults to the tokenizer's training data (for a generator: its tokenizer's).
-    `precision` applies to the tokenizer and generator (autocast); Inception always runs in fp32.
-    A generator decodes with the tokenizer it was trained with (pinned by sha256; another one only with
-    `tokenizer_mismatch_ok`); a sample folder must be a complete `nativetok sample` folder (its manifest).
+    The image data defaults to the tokenizer's training data (for a generator: its tokenizer's); `num` and
+    `reference_images` default to the config's `evaluation` section. gFID compares with `ref_stats` when
+    given, else with the reference split's statistics (see `reference_stats`). `precision` applies to the
+    tokenizer and generator (autocast); Inception always runs in fp32. A generator decodes with the
+    tokenizer it was trained with (pinned by sha256; another one only with `tokenizer_mismatch_ok`); a
+    sample folder must be a complete `nativetok sample` folder (its manifest).
     """
     from nativetok.checkpoints import (
         generator_config,
@@ -232,9 +428,18 @@ def evaluate_fid(
         raise ValueError("nothing to evaluate: give a tokenizer checkpoint, a generator checkpoint or a sample folder")
     if samples and not generator_path:
         check_sample_folder(samples)  # before any work: a killed, partial or unknown folder is refused
+    if ref_stats is not None and not Path(ref_stats).is_file():
+        raise FileNotFoundError(f"reference statistics not found: {ref_stats}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    weights = inception_weights(inception)
+    weights = inception_weights(inception)  # loaded first: a file that is not plain tensors is refused at once
     extractor = InceptionFeatures(weights, device)
+    settings = (generator_config(generator_path) if generator_path
+                else tokenizer_config(tokenizer_path) if tokenizer_path else None)
+    num = num if num is not None else (settings.evaluation.images if settings else 5000)
+    if reference_images is None:
+        reference_images = settings.evaluation.reference_images if settings else 10000
+    print(f"FID/KID on {num} images per set")
+    warnings = few_images_warning(num)
     scores: List[Score] = []
     if tokenizer_path:
         index = data or tokenizer_config(tokenizer_path).data.index
@@ -252,17 +457,20 @@ def evaluate_fid(
             labels = balanced_labels(config.data.num_classes, num)
             generated = generate_images(load_generator(generator_path, device), tokenizer, labels, config.sampling,
                                         seed, batch_size=100, precision=precision)
-            name = f"gFID: {num} samples (cfg {config.sampling.cfg_scale}) vs {reference_split}"
+            name = f"gFID: {num} samples (cfg {config.sampling.cfg_scale})"
         else:
-            if data is None and tokenizer_path is None:
-                raise ValueError("a sample folder needs --data (the real images' index) or --tokenizer")
-            index = data or tokenizer_config(tokenizer_path).data.index
+            if data is None and tokenizer_path is None and ref_stats is None:
+                raise ValueError("a sample folder needs --ref-stats, --data (the real images' index) or --tokenizer")
+            index = data or (tokenizer_config(tokenizer_path).data.index if tokenizer_path else None)
             generated = folder_images(samples, num)
-            name = f"gFID: {samples} vs {reference_split}"
-        reference = real_features(index, reference_split, num, extractor)
-        scores.append(score(name, extractor(generated), reference, weights))
+            name = f"gFID: {samples}"
+        reference = (ReferenceStats.load(Path(ref_stats), extractor) if ref_stats is not None
+                     else reference_stats(index, reference_split, reference_images, seed=0, extractor=extractor))
+        scores.append(score_against(name, extractor(generated), reference, weights))
     print(table(scores))
+    print("\n".join(f"reference of {s.name}: {s.reference}" for s in scores))
     if out is not None:
-        save_results(out, scores, {"num": num, "seed": seed})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result_record(scores, seed, warnings), indent=1) + "\n")
         log.info("results -> %s", out)
     return scores

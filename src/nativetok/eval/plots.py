@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import matplotlib
 
@@ -11,12 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def position_curves(curves: Dict[str, Sequence[float]], ylabel: str, title: str = "") -> Figure:
-    """One line per named curve over token positions 1..K."""
+def position_curves(curves: Dict[str, Sequence[float]], ylabel: str, title: str = "",
+                    positions: Optional[Sequence[int]] = None, xlabel: str = "token position") -> Figure:
+    """One line per named curve over token positions 1..K (or the given positions, on a log2 axis)."""
     figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
     for label, values in curves.items():
-        axis.plot(range(1, len(values) + 1), list(values), marker="o", markersize=3, label=label)
-    axis.set_xlabel("token position")
+        xs = list(positions) if positions is not None else range(1, len(values) + 1)
+        axis.plot(xs, list(values), marker="o", markersize=3, label=label)
+    if positions is not None:
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(list(positions), [str(k) for k in positions])
+    axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     if title:
         axis.set_title(title)

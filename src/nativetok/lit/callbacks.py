@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from nativetok.config.schema import GrowthStage
 
 log = logging.getLogger(__name__)
+
+MAX_NAME = 24  # characters of a class name shown in a sample grid's label (ImageNet's run long)
 
 
 class ExpertGrowth(pl.Callback):
@@ -57,14 +63,52 @@ class ExpertGrowth(pl.Callback):
             pl_module.enter_growth_stage(self.stage, self.stages[self.stage], self.new_experts(self.stage), grow=True)
 
 
+def prefix_lengths(active: int) -> List[int]:
+    """The prefixes evaluated beside all `active` tokens: 1, 2, 4, ... below it (a log scale, as the quality
+    of a prefix grows roughly with the log of its length)."""
+    return [1 << i for i in range(max(active - 1, 0).bit_length())]
+
+
+def labelled_grid(rows: Sequence[torch.Tensor], labels: Sequence[str], min_size: int = 64,
+                  padding: int = 2) -> torch.Tensor:
+    """Rows of equally many images in [0, 1] as one picture [3, H, W] in [0, 1], each row named at its left
+    (PIL's default font). Small images are enlarged by a whole factor with nearest neighbour, to at least
+    `min_size` px: a 32 px grid is unreadable in TensorBoard, and smoothing would hide the pixels judged."""
+    images = torch.cat([row.detach().float().cpu() for row in rows]).clamp(0, 1)
+    scale = max(1, math.ceil(min_size / min(images.shape[-2:])))
+    images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=len(rows[0]), padding=padding, pad_value=1.0)
+    font = ImageFont.load_default()
+    boxes = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), label, font=font) for label in labels]
+    margin = 2 * padding
+    left = max(box[2] for box in boxes) + 2 * margin
+    picture = Image.new("RGB", (left + grid.shape[2], grid.shape[1]), "white")
+    picture.paste(Image.fromarray(_to_uint8(grid).permute(1, 2, 0).numpy()), (left, 0))
+    draw = ImageDraw.Draw(picture)
+    size = images.shape[-2]
+    for i, (label, box) in enumerate(zip(labels, boxes)):
+        top = padding + i * (size + padding) + (size - (box[3] - box[1])) // 2 - box[1]
+        draw.text((margin, top), label, fill="black", font=font)
+    return torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Rounded as `save_image` rounds, so the PNG holds the pixels TensorBoard shows."""
+    return (images * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
 class ImageGrid(pl.Callback):
-    """A grid of images logged to TensorBoard every N steps and written as a PNG at the end (rank 0)."""
+    """A grid of images logged to TensorBoard every N steps and at the end, and written as a PNG at the end
+    (rank 0). A grid is logged under `trainer.global_step`, the number of updates the weights shown have had,
+    which is also the step the modules log an evaluation's scalars under, and at most once per step (the
+    end of training often falls on a multiple of N)."""
 
     tag = "images"
 
     def __init__(self, every_n_steps: int, path: Optional[Path] = None):
         self.every_n_steps = every_n_steps
         self.path = path
+        self.logged_step: Optional[int] = None
 
     def grid(self, pl_module) -> torch.Tensor:
         raise NotImplementedError
@@ -75,8 +119,9 @@ class ImageGrid(pl.Callback):
     def _log(self, trainer: pl.Trainer, pl_module) -> torch.Tensor:
         grid = self.grid(pl_module)
         experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
+        if hasattr(experiment, "add_image") and self.logged_step != trainer.global_step:
             experiment.add_image(self.tag, grid, trainer.global_step)
+            self.logged_step = trainer.global_step
         return grid
 
     @rank_zero_only
@@ -95,10 +140,8 @@ class ImageGrid(pl.Callback):
 
 
 class ReconstructionGrid(ImageGrid):
-    """Originals beside reconstructions from all tokens and from short prefixes.
-
-    Rows: originals, reconstructions from all active tokens, then from prefixes of 1, 1/4 and 1/2 of them.
-    """
+    """Originals above reconstructions from all active tokens and from prefixes of 1, 2, 4, ... of them:
+    the rows of the scalars `val/psnr@k`, each labelled with its k."""
 
     tag = "reconstructions"
 
@@ -123,14 +166,16 @@ class ReconstructionGrid(ImageGrid):
         images = self.images.to(pl_module.device)
         ids = tokenizer.encode(images)
         active = ids.shape[1]
-        prefixes = sorted({k for k in (1, active // 4, active // 2) if 0 < k < active})
-        rows: List[torch.Tensor] = [images, tokenizer.decode(ids)] + [tokenizer.decode(ids, k=k) for k in prefixes]
+        prefixes = prefix_lengths(active)
+        rows = [images, tokenizer.decode(ids)] + [tokenizer.decode(ids, k=k) for k in prefixes]
         tokenizer.train(was_training)
-        return make_grid(torch.cat(rows).float().cpu(), nrow=len(images), padding=1, pad_value=1.0)
+        labels = ["original", f"k={active} (all)"] + [f"k={k}" for k in prefixes]
+        return labelled_grid(rows, labels)
 
 
 class SampleGrid(ImageGrid):
-    """Class-conditional samples (a row per class), decoded by the tokenizer."""
+    """Class-conditional samples decoded by the tokenizer, a row per class, labelled with the class names of
+    the data index (class ids where it has none)."""
 
     tag = "samples"
 
@@ -138,12 +183,21 @@ class SampleGrid(ImageGrid):
         super().__init__(every_n_steps, path)
         self.per_class = per_class
         self.max_classes = max_classes
+        self.names: List[str] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        index = getattr(getattr(trainer, "datamodule", None), "index", None)
+        self.names = list(getattr(index, "classes", None) or [])
+
+    def label(self, class_id: int) -> str:
+        name = self.names[class_id] if class_id < len(self.names) else ""
+        return f"{class_id} {name[:MAX_NAME]}" if name else str(class_id)
 
     def grid(self, pl_module) -> torch.Tensor:
         classes = min(self.max_classes, pl_module.cfg.data.num_classes)
         labels = torch.arange(classes).repeat_interleave(self.per_class)
         images = pl_module.sample_images(labels, seed=0)
-        return make_grid(images.float().cpu(), nrow=self.per_class, padding=1, pad_value=1.0)
+        return labelled_grid(images.split(self.per_class), [self.label(c) for c in range(classes)])
 
 
 class DataSkips(pl.Callback):

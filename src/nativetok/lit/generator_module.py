@@ -40,6 +40,7 @@ class GeneratorModule(pl.LightningModule):
         self.cfg = c = from_container(config)
         self.generator = build_generator(c.generator, c.data.num_classes)
         self.ema = EMA(self.generator, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
+        self._stepped = False  # an optimizer step happened in the current batch
         self.val_positions = PositionLoss(c.generator.num_tokens)
         self._tokenizer: List[NativeTokenizer] = []  # loaded on first use, kept out of the state dict
         self.tokenizer_pin: Optional[dict] = None  # set when the tokenizer is loaded, saved in every checkpoint
@@ -86,9 +87,11 @@ class GeneratorModule(pl.LightningModule):
                 f"generator.tokenizer at the one that made them"
             )
 
-    def _generator_for_step(self) -> torch.Generator:
-        """Label dropout and masks drawn from (seed, step, rank): a resumed run draws what an unbroken one would."""
-        seed = (self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank
+    def _generator_for_step(self, batch_idx: int) -> torch.Generator:
+        """Label dropout and masks drawn from (seed, step, micro-batch, rank): a resumed run draws what an
+        unbroken one would, and the batches accumulated into one step draw different patterns."""
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        seed = ((self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank) * 64 + micro
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _loss(self, model, tokens: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -116,7 +119,7 @@ class GeneratorModule(pl.LightningModule):
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         """No host sync: a non-finite loss is skipped on the device (`on_before_optimizer_step`), and the
         scalars are built only on steps whose logs are written."""
-        generator = self._generator_for_step()
+        generator = self._generator_for_step(batch_idx)
         labels = self.generator.drop_labels(batch["label"], generator)
         loss, _ = self._loss(self.generator, batch["tokens"], labels, generator)
         self._step_loss = loss.detach()
@@ -136,13 +139,16 @@ class GeneratorModule(pl.LightningModule):
         )
         if writing_logs(self.trainer):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self._stepped = True
 
     def on_train_end(self) -> None:
         self.loss_guard.check()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None:
+        """The average moves once per optimizer step, however many batches are accumulated into it."""
+        if self.ema is not None and self._stepped:
             self.ema.update(self.generator)
+        self._stepped = False
 
     # -- evaluation -------------------------------------------------------------------------------------
     def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
@@ -158,6 +164,9 @@ class GeneratorModule(pl.LightningModule):
         bits = (self.val_positions.compute() / math.log(2)).float()
         self.val_positions.reset()
         self.log_dict({f"val_position/bits_{i + 1:03d}": b for i, b in enumerate(bits)})
+        # Under the number of updates evaluated, as the figure below and the sample grids (Lightning's own
+        # logger step is one behind during validation).
+        self.log("step", float(self.global_step), sync_dist=True)
         experiment = getattr(self.logger, "experiment", None)
         if self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
             from nativetok.eval.plots import position_curves

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import TQDMProgressBar
 
 
 def writing_logs(trainer: pl.Trainer) -> bool:
@@ -17,8 +16,3 @@ def writing_logs(trainer: pl.Trainer) -> bool:
 def grad_scaler(trainer: pl.Trainer) -> Optional["torch.amp.GradScaler"]:  # noqa: F821
     """The loss scaler of fp16 mixed precision (None under bf16 or full precision)."""
     return getattr(trainer.precision_plugin, "scaler", None)
-
-
-def progress_bar(log_every_n_steps: int) -> TQDMProgressBar:
-    """A bar that refreshes when the logs are written: each refresh reads the shown values from the device."""
-    return TQDMProgressBar(refresh_rate=log_every_n_steps)

@@ -60,6 +60,8 @@ SAFE_TO_CHANGE = (
     "trainer.checkpoint_every_n_steps", "trainer.progress_bar", "trainer.max_nonfinite_steps",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "trainer.precision", "trainer.compile", "trainer.cuda_graphs", "trainer.deterministic",
+    "trainer.logger", "trainer.wandb_project", "trainer.wandb_mode", "trainer.fast_dev_run",
+    "trainer.limit_val_batches", "trainer.profiler",
     "data.num_workers", "data.strict", "data.val_samples", "data.val_batch_size",
     "growth.cache_gib",
     "sampling",

@@ -20,6 +20,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from nativetok import __version__
 from nativetok.config.loading import from_container
 from nativetok.config.schema import GrowthStage
+from nativetok.lit.callbacks import prefix_lengths
 from nativetok.lit.ema import EMA
 from nativetok.lit.guards import StepGuard, fused_adamw
 from nativetok.lit.loop import grad_scaler, writing_logs
@@ -58,13 +59,20 @@ class TokenizerModule(pl.LightningModule):
             self._perceptual.append(load_lpips(loss.perceptual.vgg_weights, loss.perceptual.lin_weights))
         else:
             log.info(
-                "perceptual loss off (loss.perceptual_weight=0): LPIPS needs VGG weights that are downloaded, "
-                "set loss.perceptual.vgg_weights and loss.perceptual.lin_weights to use it"
+                "perceptual loss off (loss.perceptual_weight=0): LPIPS needs torchvision's VGG16 weights, "
+                "fetched once by hand (data/README.md); set loss.perceptual.vgg_weights to use it"
             )
         self.ema = EMA(self.tokenizer, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_codes = CodeUsage(c.tokenizer.quantizer.codebook_size)
+        # PSNR from the first k tokens (`val/psnr@k`), for every k validation can meet: the prefixes of every
+        # active count the growth schedule passes through, and those counts themselves (k = all active).
+        counts = {c.tokenizer.num_tokens, *(stage.experts for stage in c.growth.stages)}
+        prefixes = counts.union(*(prefix_lengths(n) for n in counts))
+        self.val_prefix_psnr = torch.nn.ModuleDict(
+            {str(k): PeakSignalNoiseRatio(data_range=1.0) for k in sorted(prefixes)}
+        )
         self.growth_stage = 0
         # Z and frozen experts' outputs per image view, used in growth stages that freeze the MIT.
         self.prefix_cache = FrozenPrefixCache(int(c.growth.cache_gib * 2**30)) if c.growth.cache_gib > 0 else None
@@ -159,6 +167,8 @@ class TokenizerModule(pl.LightningModule):
                 self.ema.reset((shadow[i], live[i]) for i in new_experts)
                 self.ema.shadow.set_extra_state(self.tokenizer.get_extra_state())
         frozen = self.tokenizer.set_trainable(new_experts, stage.train)
+        if grow and self.ema is not None:
+            self._freeze_at_average(frozen)
         self.retarget_optimizer()
         self.growth_stage = index
         trained = [name for name in self.tokenizer.parts() if name not in frozen]
@@ -168,6 +178,15 @@ class TokenizerModule(pl.LightningModule):
         )
         self._reset_prefix_cache()
         return frozen
+
+    @torch.no_grad()
+    def _freeze_at_average(self, frozen: List[str]) -> None:
+        """Frozen parts take the averaged weights evaluation has used so far: the evaluated tokens of frozen
+        experts then stay bitwise fixed (the average of a constant is that constant)."""
+        live, shadow = self.tokenizer.parts(), self.ema.shadow.parts()
+        for name in frozen:
+            for mine, average in zip(live[name], shadow[name]):
+                mine.copy_(average)
 
     def _reset_prefix_cache(self) -> None:
         """A new stage invalidates every cached view; cache what this stage keeps fixed, if anything."""
@@ -302,7 +321,8 @@ class TokenizerModule(pl.LightningModule):
     # -- evaluation ----------------------------------------------------------------------------------------
     def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
         images = batch["image"]
-        out = self.eval_tokenizer(images)
+        tokenizer = self.eval_tokenizer
+        out = tokenizer(images)
         rec = pixel_loss(out.reconstruction, images * 2 - 1, self.cfg.loss.pixel)
         loss = self.cfg.loss.pixel_weight * rec + self.cfg.loss.quantizer_weight * out.quantizer_loss
         reconstruction = ((out.reconstruction + 1) / 2).clamp(0, 1)
@@ -314,11 +334,22 @@ class TokenizerModule(pl.LightningModule):
         self.log("val/rec_loss", rec, sync_dist=True, batch_size=size)
         self.log("val/psnr", self.val_psnr, batch_size=size, prog_bar=True)
         self.log("val/ssim", self.val_ssim, batch_size=size)
+        active = out.ids.shape[1]
+        for k in [*prefix_lengths(active), active]:  # psnr@<all active> is val/psnr
+            if str(k) not in self.val_prefix_psnr:  # only where set_active was called off the growth schedule
+                continue
+            metric = self.val_prefix_psnr[str(k)]
+            metric.update(reconstruction if k == active else tokenizer.decode(out.ids, k=k), images)
+            self.log(f"val/psnr@{k}", metric, batch_size=size)
 
     def on_validation_epoch_end(self) -> None:
         stats = self.val_codes.compute()
         self.log_dict({"val/codebook_usage": stats["usage"], "val/perplexity": stats["perplexity"]})
         self.val_codes.reset()
+        # Lightning would log this evaluation under the step before (its logger step advances only after
+        # validation); under a logged "step" it is the number of updates the weights evaluated have had, as the
+        # image grids, the validation log line and best-step*.ckpt count.
+        self.log("step", float(self.global_step), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nativetok"] = {"kind": "tokenizer", "version": __version__}

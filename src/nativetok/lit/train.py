@@ -1,31 +1,33 @@
 """Build the Trainer, callbacks and run folder from a config, and run stage-1 or stage-2 training.
 
 A run folder is `run.dir` (default `runs/<run.name>`): `config.yaml` (the resolved config),
-`checkpoints/` (`last.ckpt` and the best by validation loss), `tb/` (TensorBoard), pictures, and while a
-run trains there `run.lock` (see `run_folder.py`: one run per folder, a resume refused when the config
-changed). Running the same command again continues from `last.ckpt` (`run.resume=auto`), so a killed or
-requeued job resumes without user action.
+`checkpoints/` (`last.ckpt` and the best by validation loss), the logs (`tb/`, `csv/` or `wandb/`, per
+`trainer.logger`), pictures, and while a run trains there `run.lock` (see `run_folder.py`: one run per
+folder, a resume refused when the config changed). Running the same command again continues from
+`last.ckpt` (`run.resume=auto`), so a killed or requeued job resumes without user action.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.profilers import AdvancedProfiler, Profiler, SimpleProfiler
 from pytorch_lightning.strategies import DDPStrategy
 
 from nativetok.config.loading import ConfigError, to_container, to_yaml
 from nativetok.config.schema import ExperimentConfig
 from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, remove_staged_leftovers
-from nativetok.lit.loop import progress_bar
+from nativetok.lit.console import progress
 from nativetok.lit.preemption import LAST, PREVIOUS, LastCheckpoint
 from nativetok.lit.run_folder import RunLock, refuse_changed_config
 
@@ -76,6 +78,41 @@ def make_strategy(config: ExperimentConfig):
     return config.trainer.strategy
 
 
+def wandb_settings(config: ExperimentConfig, run_dir: Path) -> Dict[str, Any]:
+    """WandbLogger's arguments. The id follows the run folder, so a resumed or requeued run continues the same
+    wandb run; without trainer.wandb_mode, wandb reads WANDB_MODE."""
+    t = config.trainer
+    folder = str(run_dir.resolve())
+    settings: Dict[str, Any] = dict(
+        project=t.wandb_project, name=config.run.name, save_dir=str(run_dir),
+        id=f"{config.run.name}-{hashlib.sha1(folder.encode()).hexdigest()[:8]}",
+    )
+    if t.wandb_mode:
+        settings["mode"] = t.wandb_mode
+    return settings
+
+
+def make_logger(config: ExperimentConfig, run_dir: Path) -> Logger:
+    """The logger `trainer.logger` names, writing into the run folder."""
+    kind = config.trainer.logger
+    if kind == "csv":
+        return CSVLogger(str(run_dir), name="csv", version="")
+    if kind == "wandb":
+        try:
+            from pytorch_lightning.loggers import WandbLogger
+
+            return WandbLogger(**wandb_settings(config, run_dir))
+        except ModuleNotFoundError as error:  # checked with the config; here for a config built in code
+            raise ConfigError(f"trainer.logger: wandb needs the wandb package (pip install wandb): {error}") from None
+    return TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False)
+
+
+def make_profiler(config: ExperimentConfig, run_dir: Path) -> Optional[Profiler]:
+    """`trainer.profiler`'s report goes to <run dir>/fit-profile.txt rather than into the log."""
+    kind = {"simple": SimpleProfiler, "advanced": AdvancedProfiler}.get(config.trainer.profiler or "")
+    return kind(dirpath=str(run_dir), filename="profile") if kind else None
+
+
 def cluster_plugins() -> list:
     """Under SLURM, Lightning's SLURM environment (ranks from srun) without its own requeue handler:
     `LastCheckpoint` checkpoints at a step boundary and requeues."""
@@ -99,7 +136,11 @@ def precision_settings(config: ExperimentConfig) -> Tuple[Optional[str], list]:
 def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_dir: Path) -> pl.Trainer:
     t = config.trainer
     precision, precision_plugins = precision_settings(config)
-    bar = [progress_bar(t.log_every_n_steps)] if t.progress_bar else []
+    console = progress(t.progress_bar, t.log_every_n_steps)  # a bar on a terminal, else log lines
+    # A fast dev run leaves the run's checkpoints alone: no last.ckpt (Lightning skips the best one itself).
+    last = [] if t.fast_dev_run else [
+        LastCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, run_dir / "requeue.log")
+    ]
     return pl.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
@@ -111,14 +152,14 @@ def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_di
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=isinstance(console, ProgressBar),
         deterministic=t.deterministic,
-        logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
-        callbacks=[
-            *bar,
-            *callbacks,
-            LastCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, run_dir / "requeue.log"),
-        ],
+        logger=make_logger(config, run_dir),
+        fast_dev_run=t.fast_dev_run,
+        limit_val_batches=t.limit_val_batches,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        profiler=make_profiler(config, run_dir),
+        callbacks=[console, *callbacks, *last],
         plugins=[AtomicCheckpointIO(), *precision_plugins, *cluster_plugins()],
         default_root_dir=str(run_dir),
     )
@@ -139,7 +180,8 @@ def checkpoint_callback(run_dir: Path) -> ModelCheckpoint:
 def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks: List[pl.Callback]):
     """Build the trainer, take the run folder (rank 0), resolve the checkpoint to resume from and refuse it
     when the config changed, then clear killed saves' leftovers and write the resolved config. Nothing is
-    written before the lock is taken and the config accepted."""
+    written before the lock is taken and the config accepted. A fast dev run starts fresh and leaves the
+    folder's checkpoints and config.yaml as they were."""
     from nativetok.lit.callbacks import DataSkips, ValidationSummary
 
     run_dir = Path(config.run.dir)
@@ -149,11 +191,11 @@ def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks
     if trainer.is_global_zero:
         lock.acquire()
     try:
-        resume = checkpoint_to_resume(config)
+        resume = None if config.trainer.fast_dev_run else checkpoint_to_resume(config)
         if resume:
             refuse_changed_config(config, resume)
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not config.trainer.fast_dev_run:
             remove_staged_leftovers(run_dir / "checkpoints")
             (run_dir / "config.yaml").write_text(to_yaml(config))
             log.info("run folder %s%s", run_dir, f"; resuming from {resume}" if resume else "")

@@ -1,0 +1,266 @@
+"""`nativetok export`: a training checkpoint as a folder to share, the way Hugging Face models are shared.
+
+A Lightning checkpoint is mostly optimizer state and holds both the trained and the moving-average
+weights. The export keeps what inference loads (`checkpoints.load_weights`): the moving average when there
+is one, as `model.safetensors`; `config.json` holds the experiment config and what the checkpoint knew
+(step, source sha256, tokenizer pin); `README.md` is a model card generated from those and from the run
+folder's logs. A generator's folder bundles its pinned tokenizer in `tokenizer/`, so it samples on its own.
+Loaders take the folder, or its Hub repo once uploaded (see `checkpoints`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nativetok import __version__
+from nativetok.checkpoints import (
+    CONFIG_FILE,
+    EXPORT_FORMAT,
+    WEIGHTS_FILE,
+    CheckpointError,
+    export_sha256,
+    file_sha256,
+    is_export,
+    module_state,
+    pinned_tokenizer,
+    read_checkpoint,
+    run_folder,
+)
+from nativetok.config.loading import from_container, to_container
+from nativetok.config.schema import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FOLDER = "tokenizer"
+NOT_RECORDED = "not recorded"
+
+
+def export(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer: Optional[str] = None,
+    include_tokenizer: bool = True,
+) -> Path:
+    """Write the export of a tokenizer or generator checkpoint to `out` (replacing an earlier export there,
+    never other files) and return it. A generator bundles the tokenizer it is pinned to (`tokenizer` to give
+    it another path; its sha256 is checked as `nativetok sample` checks it) unless `include_tokenizer` is off."""
+    source, out = Path(checkpoint), Path(out)
+    if not source.is_file():
+        raise CheckpointError(f"export needs a checkpoint file, got {source}" +
+                              (" (already an export)" if is_export(source) else ""))
+    if out.exists() and not is_export(out) and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an earlier export: choose an empty or new folder")
+    saved = read_checkpoint(source, None)
+    kind = saved["nativetok"]["kind"]
+    config = from_container(saved["hyper_parameters"]["config"])
+    state = module_state(saved, "ema.shadow.")
+    ema = bool(state)
+    state = state or module_state(saved, f"{kind}.")
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
+    meta = {
+        "format": EXPORT_FORMAT,
+        "kind": kind,
+        "version": __version__,
+        "exported_by": f"nativetok {__version__}",
+        "source": {"file": source.name, "sha256": file_sha256(source), "global_step": saved.get("global_step"),
+                   "trained_with": saved["nativetok"].get("version")},
+        "weights": {"file": WEIGHTS_FILE, "ema": ema, "ema_decay": config.optim.ema_decay if ema else None,
+                    "parameters": sum(t.numel() for t in tensors.values())},
+        "extra_state": {k: v for k, v in state.items() if not torch.is_tensor(v)},
+        "data": data_summary(config),
+        "metrics": recorded_metrics(source, saved),
+    }
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        meta["weights"]["sha256"] = _save_weights(tensors, staging / WEIGHTS_FILE, kind)
+        pin = saved["nativetok"].get("tokenizer")
+        if kind == "generator" and include_tokenizer:
+            _bundle_tokenizer(source, saved, tokenizer, staging / TOKENIZER_FOLDER)
+            meta["bundled_tokenizer"] = TOKENIZER_FOLDER
+        if pin:  # found again from the export folder: in tokenizer/, else at its original absolute path
+            meta["tokenizer"] = {"sha256": pin["sha256"], "path": pin["path"], "run_path": TOKENIZER_FOLDER}
+        body = {"nativetok": meta, "config": to_container(config)}
+        (staging / CONFIG_FILE).write_text(json.dumps(body, indent=1) + "\n")
+        shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)  # safetensors writes 0600 files
+        (staging / "README.md").write_text(model_card(meta, config))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("exported %s %s (%s) to %s", kind, source, "moving-average weights" if ema else "weights", out)
+    return out
+
+
+def _save_weights(tensors: dict, path: Path, kind: str) -> str:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("export writes safetensors: pip install safetensors") from None
+    save_file(tensors, str(path), metadata={"format": "pt", "nativetok_kind": kind})
+    return file_sha256(path)
+
+
+def _bundle_tokenizer(generator: Path, saved: dict, tokenizer: Optional[str], target: Path) -> None:
+    """The generator's pinned tokenizer, exported (or copied, when it is an export already) into `target`."""
+    path, sha256 = pinned_tokenizer(generator, saved, tokenizer)
+    if path.is_dir():
+        shutil.copytree(path, target)
+    else:
+        export(path, target)
+    if export_sha256(target) != sha256:
+        raise CheckpointError(f"the tokenizer bundled from {path} is not the one {generator} was checked against")
+
+
+def data_summary(config: ExperimentConfig) -> dict:
+    """What the run trained on: the configured sizes, and what the data index says when it is on this machine."""
+    from nativetok.data import DatasetIndex
+
+    d = config.data
+    summary = {"index": d.index, "image_size": d.image_size, "channels": d.channels, "num_classes": d.num_classes,
+               "batch_size": d.batch_size}
+    if d.index and Path(d.index).is_file():
+        try:
+            index = DatasetIndex.load(Path(d.index))
+            summary.update(name=index.name, classes=list(index.classes),
+                           samples={split: index.split(split).samples for split in index.splits})
+        except (OSError, ValueError, KeyError, TypeError) as error:  # the card says not recorded
+            log.warning("could not read the data index %s: %s", d.index, error)
+    return summary
+
+
+def recorded_metrics(source: Path, saved: dict) -> dict:
+    """Validation metrics the run recorded: the best score kept by its ModelCheckpoint, and the last validation
+    at or before the checkpoint's step in the run folder's TensorBoard log. Nothing else is claimed."""
+    metrics: dict = {}
+    for key, value in (saved.get("callbacks") or {}).items():
+        if key.startswith("ModelCheckpoint") and value.get("best_model_score") is not None:
+            metrics["best"] = {"monitor": value["monitor"], "value": float(value["best_model_score"]),
+                               "checkpoint": Path(value["best_model_path"]).name}
+    tb = run_folder(source) / "tb"
+    if not any(tb.glob("events.*")):
+        return metrics
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+        events.Reload()
+        step_limit = saved.get("global_step") or 0
+        series = {tag: [e for e in events.Scalars(tag) if e.step <= step_limit]
+                  for tag in events.Tags()["scalars"] if tag.startswith("val/")}
+    except Exception as error:  # a damaged or foreign log: the card says not recorded
+        log.warning("could not read the validation metrics of %s: %s", tb, error)
+        return metrics
+    steps = [e.step for values in series.values() for e in values]
+    if steps:
+        last = max(steps)
+        values = {tag: e.value for tag, found in series.items() for e in found if e.step == last}
+        metrics["validation"] = {"logged_step": last, "values": values}
+    return metrics
+
+
+def model_card(meta: dict, config: ExperimentConfig) -> str:
+    """README.md of an export: what it is, what it was trained on and how long, what the run measured, how
+    to load it. Only recorded values; what the checkpoint and run folder did not record is said to be so."""
+    kind, data, weights, source = meta["kind"], meta["data"], meta["weights"], meta["source"]
+    name = config.run.name
+    if kind == "tokenizer":
+        t = config.tokenizer
+        model = (f"tokenizer (kind {t.kind}): {data['image_size']}x{data['image_size']}x{data['channels']} images -> "
+                 f"{meta['extra_state'].get('_extra_state', {}).get('active_tokens', t.num_tokens)} tokens "
+                 f"(of {t.num_tokens}) over a codebook of {t.quantizer.codebook_size}")
+        tags = ["nativetok", "image-tokenizer"]
+    else:
+        g = config.generator
+        model = (f"class-conditional {g.kind} generator of {g.num_tokens} tokens over a codebook of "
+                 f"{g.codebook_size}, {data['num_classes']} classes (width {g.width}, depth {g.depth})")
+        tags = ["nativetok", "image-generation", "class-conditional"]
+    averaged = f"moving average (decay {weights['ema_decay']})" if weights["ema"] else "trained (no moving average)"
+    lines = [
+        "---", "library_name: nativetok", "tags:", *[f"- {tag}" for tag in tags], "---", "",
+        f"# {name} ({kind})", "",
+        f"A NativeTok {model}. Exported by `nativetok export` ({meta['exported_by']}) from `{source['file']}` "
+        f"(sha256 `{source['sha256']}`), which names this model in pins and manifests.", "",
+        "## Model", "",
+        "| | |", "|---|---|",
+        f"| parameters | {weights['parameters']:,} |",
+        f"| weights | {averaged}, `{weights['file']}` |",
+        "| experiment config | `config.json` (`config`) |",
+        "", "## Training", "",
+        "| | |", "|---|---|",
+        f"| data | {_data_line(data)} |",
+        f"| classes | {_classes_line(data)} |",
+        f"| steps | {_or_not_recorded(source['global_step'])} (of trainer.max_steps {config.trainer.max_steps}) |",
+        f"| batch size | {data['batch_size']} (global) |",
+        f"| seed | {config.seed} |",
+        "", "## Metrics", "",
+        *_metric_lines(meta["metrics"]),
+    ]
+    if kind == "generator":
+        pin = meta.get("tokenizer")
+        lines += ["", "## Tokenizer", "",
+                  f"Trained on the tokens of the tokenizer with sha256 `{pin['sha256']}`." if pin
+                  else f"The tokenizer's sha256 was {NOT_RECORDED} (trained before generators pinned it).",
+                  "Bundled in `tokenizer/` (checked against that sha256 at export)." if meta.get("bundled_tokenizer")
+                  else "Not bundled: give it to the loaders (`--tokenizer`)."]
+    lines += ["", "## How to load", "", "```python", *_snippet(kind, data), "```", "",
+              "`pip install nativetok safetensors`; to load from the Hugging Face Hub give the repo id "
+              "(`owner/name`) instead of the folder, with `huggingface_hub` installed.", ""]
+    return "\n".join(lines)
+
+
+def _or_not_recorded(value) -> str:
+    return NOT_RECORDED if value is None else str(value)
+
+
+def _data_line(data: dict) -> str:
+    splits = ", ".join(f"{split} {count:,}" for split, count in data.get("samples", {}).items())
+    name = data.get("name", f"name {NOT_RECORDED} (index not on the exporting machine)")
+    return f"{name}, `{data['index']}`" + (f" ({splits} samples)" if splits else "")
+
+
+def _classes_line(data: dict) -> str:
+    classes = data.get("classes")
+    if not classes:
+        return f"{data['num_classes']} (names {NOT_RECORDED})"
+    shown = ", ".join(f"{i} {c}" for i, c in enumerate(classes[:20]))
+    return f"{len(classes)}: {shown}" + (", ..." if len(classes) > 20 else "")
+
+
+def _metric_lines(metrics: dict) -> list:
+    lines = []
+    validation = metrics.get("validation")
+    if validation:
+        lines += [f"Last validation of the run (TensorBoard step {validation['logged_step']}):", "",
+                  "| metric | value |", "|---|---|",
+                  *[f"| {tag} | {value:.4g} |" for tag, value in sorted(validation["values"].items())], ""]
+    else:
+        lines += [f"Validation metrics: {NOT_RECORDED} (no TensorBoard log beside the checkpoint).", ""]
+    best = metrics.get("best")
+    lines.append(f"Best {best['monitor']} of the run: {best['value']:.4g} (`{best['checkpoint']}`)." if best
+                 else f"Best validation score: {NOT_RECORDED}.")
+    lines.append("FID: not measured at export; see `nativetok eval-fid`.")
+    return lines
+
+
+def _snippet(kind: str, data: dict) -> list:
+    shape = f"[B, {data['channels']}, {data['image_size']}, {data['image_size']}]"
+    if kind == "tokenizer":
+        return ["from nativetok import load_tokenizer", "", 'tokenizer = load_tokenizer("path/to/this/folder")',
+                f"ids = tokenizer.encode(images)  # float {shape} in [0, 1] -> token ids [B, K]",
+                "images = tokenizer.decode(ids)  # and back; decode(ids, k=4) from the first 4 tokens"]
+    return ["import torch", "from nativetok import load_generator",
+            "from nativetok.checkpoints import load_generator_tokenizer", "",
+            'generator = load_generator("path/to/this/folder")',
+            'tokenizer, _ = load_generator_tokenizer("path/to/this/folder")  # tokenizer/, sha256 checked',
+            "ids = generator.sample(labels=torch.tensor([0, 1, 2]), seed=0)  # options: config.json's sampling",
+            f"images = tokenizer.decode(ids)  # float {shape} in [0, 1]",
+            "# or: nativetok sample --generator path/to/this/folder --out samples/"]

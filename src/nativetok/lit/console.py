@@ -1,0 +1,141 @@
+"""Training progress on the console: a bar on a terminal, one log line per logging step in a batch job.
+
+A progress bar redraws itself with carriage returns; a batch job's log file keeps every redraw, so
+without a terminal (or in a SLURM batch job, `trainer.progress_bar=auto`) the run instead logs a line
+every `trainer.log_every_n_steps`, e.g.
+
+    step 1200/500000 (0.2%) | 1843 img/s | loss 0.0412 quantizer_loss 0.0011 rec_loss 0.0301 | lr 0.0001 |
+    HNT stage 1: 16 experts | ETA 3d 02:11:05
+
+Both read the device only on the steps whose logs Lightning writes anyway (no extra host sync).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import TQDMProgressBar
+
+from nativetok.lit.loop import writing_logs
+
+log = logging.getLogger(__name__)
+
+
+def slurm_batch_job() -> bool:
+    """Inside a SLURM job, but not an interactive `srun --pty` (which sets SLURM_PTY_PORT)."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and not os.environ.get("SLURM_PTY_PORT")
+
+
+def shows_bar(setting: Any) -> bool:
+    """`trainer.progress_bar`: true, false, or auto (a bar only on a terminal and outside a SLURM batch job)."""
+    if setting == "auto":
+        return sys.stdout.isatty() and not slurm_batch_job()
+    return bool(setting)
+
+
+def progress(setting: Any, log_every_n_steps: int) -> pl.Callback:
+    """The step-counting bar when it shows, else the line logger."""
+    return StepProgressBar(log_every_n_steps) if shows_bar(setting) else ConsoleLog()
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A bar toward `trainer.max_steps` at `global_step` (Lightning's counts batches of one epoch), refreshed
+    on the logging steps: each refresh reads the shown values from the device."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = trainer.global_step  # a resumed run starts where it stopped; it/s counts this run
+        bar.set_description("train")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        """Keep counting across epochs (the parent resets the bar to the epoch's batches)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._should_update(step, self.train_progress_bar.total):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in this rank's batch: the length of its first tensor (a shape, no device read)."""
+    while isinstance(batch, (Mapping, list, tuple)):
+        batch = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+    return len(batch)
+
+
+class ConsoleLog(pl.Callback):
+    """One INFO line per logging step (rank 0): step / max_steps, images/s, the training losses, the learning
+    rate, the HNT stage and the ETA. It reads only what the module logged for that step."""
+
+    def __init__(self):
+        self._start = self._last = 0.0
+        self._start_step = self._last_step = 0
+        self._validating_since: Optional[float] = None
+        self._validation_seconds = 0.0  # since the last line: not training time
+        self._growth = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from nativetok.lit.callbacks import ExpertGrowth
+
+        self._start = self._last = time.perf_counter()
+        self._start_step = self._last_step = trainer.global_step
+        self._growth = next((c for c in trainer.callbacks if isinstance(c, ExpertGrowth)), None)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validating_since = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validating_since is not None:
+            self._validation_seconds += time.perf_counter() - self._validating_since
+            self._validating_since = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if trainer.is_global_zero and writing_logs(trainer):
+            log.info("%s", self.line(trainer, _batch_size(batch) * trainer.world_size))
+
+    def line(self, trainer: pl.Trainer, batch_size: int) -> str:
+        metrics = trainer.callback_metrics
+        losses = {k[6:]: v for k, v in metrics.items() if k.startswith("train/") and k.endswith("loss")}
+        if not losses and "loss" in metrics:
+            losses = {"loss": metrics["loss"]}
+        shown = " ".join(  # the step's device reads
+            f"{name} {float(losses[name]):.4g}" for name in sorted(losses, key=lambda name: (name != "loss", name))
+        )
+        now, step, total = time.perf_counter(), trainer.global_step, trainer.max_steps
+        training = max(now - self._last - self._validation_seconds, 1e-9)
+        images = (step - self._last_step) * batch_size / training
+        parts = [f"step {step}/{total} ({100 * step / total:.1f}%)", f"{images:.0f} img/s"]
+        if shown:
+            parts.append(shown)
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
+        if self._growth is not None:
+            stage = self._growth.stage
+            parts.append(f"HNT stage {stage}: {self._growth.stages[stage].experts} experts")
+        done = step - self._start_step
+        if done > 0:  # the whole run's pace so far, validation and checkpoints included
+            parts.append(f"ETA {_duration((now - self._start) / done * (total - step))}")
+        self._last, self._last_step, self._validation_seconds = now, step, 0.0
+        return " | ".join(parts)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info("training stopped at step %d/%d after %s", trainer.global_step, trainer.max_steps,
+                     _duration(time.perf_counter() - self._start))
