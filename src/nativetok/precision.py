@@ -7,7 +7,7 @@ from typing import ContextManager
 
 import torch
 
-INFERENCE_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+INFERENCE_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # the autocast settings of config.schema.Precision
 
 
 def autocast(device: torch.device | str, precision: str) -> ContextManager:

@@ -21,7 +21,25 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
-from nativetok.config.schema import AblationPreset, ComparePreset, ExperimentConfig, GrowthStage, SamplingConfig
+from nativetok.config.schema import (
+    GENERATOR_KINDS,
+    GROWTH_INITS,
+    GUIDANCE_SCHEDULES,
+    LOGGERS,
+    MASK_SCHEDULES,
+    PIXEL_LOSSES,
+    PRECISIONS,
+    PROFILERS,
+    STRATEGIES,
+    TOKENIZER_KINDS,
+    TRAINABLE_PARTS,
+    WANDB_MODES,
+    AblationPreset,
+    ComparePreset,
+    ExperimentConfig,
+    GrowthStage,
+    SamplingConfig,
+)
 
 COMMAND_LINE = "command line"
 KEY_PATTERN = re.compile(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b")
@@ -279,14 +297,6 @@ def to_container(config: ExperimentConfig) -> dict:
 # Value checks: each yields (key, problem).
 
 Check = Iterable[Tuple[str, str]]
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
-TOKENIZER_KINDS = ("nativetok", "parallel", "causal_mask")
-TRAINABLE_PARTS = ("all", "mit", "old_experts", "codebook", "decoder")
-# What `build_trainer` sets up and the tests run (ddp: on CPU processes in test_distributed.py).
-STRATEGIES = ("auto", "ddp")
-LOGGERS = ("tensorboard", "csv", "wandb")
-PROFILERS = (None, "simple", "advanced")
-WANDB_MODES = (None, "online", "offline")
 
 
 def _not_finite(value: Any) -> bool:
@@ -462,7 +472,7 @@ def check_tokenizer(c: ExperimentConfig) -> Check:
 
 def check_loss(c: ExperimentConfig) -> Check:
     loss = c.loss
-    yield from _choice("loss.pixel", loss.pixel, ("l1", "l2"))
+    yield from _choice("loss.pixel", loss.pixel, PIXEL_LOSSES)
     yield from _non_negative(
         "loss", loss, "pixel_weight", "perceptual_weight", "quantizer_weight", "disc_weight",
         "disc_start", "lecam_weight",
@@ -489,7 +499,7 @@ def check_optim(c: ExperimentConfig) -> Check:
 
 def check_growth(c: ExperimentConfig) -> Check:
     g = c.growth
-    yield from _choice("growth.init", g.init, ("copy_last", "fresh"))
+    yield from _choice("growth.init", g.init, GROWTH_INITS)
     yield from _non_negative("growth", g, "cache_gib")
     if g.cache_gib > 0 and c.tokenizer.kind != "nativetok":
         yield "growth.cache_gib", f"caches the experts' inputs, which tokenizer.kind '{c.tokenizer.kind}' does not have"
@@ -536,14 +546,14 @@ def _frozen_tokens_move(key: str, stage: GrowthStage, frozen: int) -> Check:
 
 def check_generator(c: ExperimentConfig) -> Check:
     g = c.generator
-    yield from _choice("generator.kind", g.kind, ("ar", "maskgit"))
+    yield from _choice("generator.kind", g.kind, GENERATOR_KINDS)
     yield from _positive("generator", g, "codebook_size", "num_tokens", "width", "depth", "mlp_ratio")
     yield from _heads_divide("generator", g.width, g.heads)
     if g.heads > 0 and g.width % g.heads == 0 and (g.width // g.heads) % 2:
         yield "generator.heads", f"width / heads must be even for rotary embeddings, got {g.width // g.heads}"
     if not 0.0 <= g.class_dropout < 1.0:
         yield "generator.class_dropout", f"is a probability below 1, got {g.class_dropout}"
-    yield from _choice("generator.mask_schedule", g.mask_schedule, ("cosine", "arccos", "linear"))
+    yield from _choice("generator.mask_schedule", g.mask_schedule, MASK_SCHEDULES)
     if not g.tokenizer:
         yield "generator.tokenizer", "must name the stage-1 checkpoint that made the tokens"
 
@@ -557,7 +567,7 @@ def check_evaluation(c: ExperimentConfig) -> Check:
 def check_sampling(c: ExperimentConfig) -> Check:
     """sampling.* in a config, and the `sample` command's options (check_sampling_options)."""
     s = c.sampling
-    yield from _choice("sampling.cfg_schedule", s.cfg_schedule, ("constant", "linear"))
+    yield from _choice("sampling.cfg_schedule", s.cfg_schedule, GUIDANCE_SCHEDULES)
     yield from _non_negative("sampling", s, "cfg_scale", "temperature", "top_k", "choice_temperature")
     yield from _positive("sampling", s, "steps", "grid_per_class")
     if not 0.0 < s.top_p <= 1.0:

@@ -7,7 +7,41 @@ the values that types cannot (every float finite, ranges, choices, consistency b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple, get_args
+
+# Every value a choice key accepts, named once: `check_values`, the models' registries and the CLI import
+# these. The dataclass fields below stay `str` (OmegaConf's structured configs have no Literal type).
+TokenizerKind = Literal["nativetok", "parallel", "causal_mask"]
+GeneratorKind = Literal["ar", "maskgit"]
+MaskSchedule = Literal["cosine", "arccos", "linear"]
+GuidanceSchedule = Literal["constant", "linear"]
+GrowthInit = Literal["copy_last", "fresh"]
+PixelLoss = Literal["l1", "l2"]
+TrainablePart = Literal["all", "mit", "old_experts", "codebook", "decoder"]
+Precision = Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
+Strategy = Literal["auto", "ddp"]  # what `build_trainer` sets up and tests/test_distributed.py runs
+LoggerKind = Literal["tensorboard", "csv", "wandb"]
+ProfilerKind = Literal["simple", "advanced"]
+WandbMode = Literal["online", "offline"]
+
+
+def choices(kind: Any) -> Tuple[str, ...]:
+    """The values of a Literal above, in order."""
+    return get_args(kind)
+
+
+TOKENIZER_KINDS = choices(TokenizerKind)
+GENERATOR_KINDS = choices(GeneratorKind)
+MASK_SCHEDULES = choices(MaskSchedule)
+GUIDANCE_SCHEDULES = choices(GuidanceSchedule)
+GROWTH_INITS = choices(GrowthInit)
+PIXEL_LOSSES = choices(PixelLoss)
+TRAINABLE_PARTS = choices(TrainablePart)
+PRECISIONS = choices(Precision)
+STRATEGIES = choices(Strategy)
+LOGGERS = choices(LoggerKind)
+PROFILERS = (None, *choices(ProfilerKind))
+WANDB_MODES = (None, *choices(WandbMode))
 
 
 @dataclass
