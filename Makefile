@@ -110,10 +110,10 @@ ablate: $(FMNIST)  ## HNT ablation on the default data: variants x seeds, prefix
 	$(NATIVETOK) ablate --preset $(ABLATION)
 
 bench: | $(FMNIST)  ## speed and memory as ratios (NativeTok vs parallel, growth, MFU, KV cache, ops, data); runs/bench/
-	$(NATIVETOK) bench --device cpu --out runs/bench/bench.json
+	$(BIN)/python benchmarks/bench.py --device cpu --out runs/bench/bench.json
 
 bench-gpu: | $(STAMP)  ## the GPU table on one CUDA device (about 5 minutes on an H200); runs/bench/bench_gpu.md
-	$(NATIVETOK) bench --device cuda --out runs/bench/bench_gpu.json
+	$(BIN)/python benchmarks/bench_gpu.py --device cuda --out runs/bench/bench_gpu.json
 
 # A GPU machine whose Python has torch, Lightning, torchmetrics and tensorboard but cannot install anything:
 # carry this folder there and run scripts/gpu-check (see README, "On a GPU machine without a package index").
@@ -140,7 +140,7 @@ test-all: $(FMNIST)  ## every test, the slow ones included
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check --line-length 120 --select E,F,W,I,B --ignore E203,B905 src tests
+	$(BIN)/ruff check --line-length 120 --select E,F,W,I,B --ignore E203,B905 src tests benchmarks
 
 clean:  ## remove run outputs and caches (keeps .venv and data)
 	rm -rf runs .pytest_cache .ruff_cache

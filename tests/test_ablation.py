@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from nativetok.config.loading import ConfigError, load_ablation
-from nativetok.eval.ablation import ablate
+from nativetok.pipelines.ablation import ablate
 
 from .conftest import REPO, TINY
 

@@ -4,6 +4,7 @@ the supported strategies, `--version` and a `--help` that shows the users' tasks
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -13,8 +14,7 @@ from nativetok.cli import main
 from nativetok.config import ConfigError, load_config
 from nativetok.config.loading import compose
 from nativetok.config.schema import ExperimentConfig
-from nativetok.lit.generator_module import GeneratorModule
-from nativetok.lit.train import build_trainer, to_container, train_tokenizer, wandb_settings
+from nativetok.lit.train import build_trainer, generator_module, train_tokenizer, wandb_settings
 
 from .conftest import REPO, random_token_batches, tiny_generator_config
 
@@ -139,7 +139,8 @@ def test_csv_logger_profiler_and_limit_val_batches_then_a_fast_dev_run_leaves_th
     counts = Counts()
     config = tiny_config("trainer.max_steps=2", "trainer.val_every_n_steps=2", "trainer.logger=csv",
                          "trainer.profiler=simple", "trainer.limit_val_batches=1")
-    run_dir = train_tokenizer(config, [counts])
+    train_tokenizer(config, [counts])
+    run_dir = Path(config.run.dir)
     assert counts.validations >= 1 and counts.val_batches == counts.validations  # 1 of 4 batches each time
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "val/loss" in header and not (run_dir / "tb").exists()
@@ -157,7 +158,7 @@ def test_csv_logger_profiler_and_limit_val_batches_then_a_fast_dev_run_leaves_th
 def test_stage2_accumulates_gradients_over_batches(tmp_path):
     config = tiny_generator_config(tmp_path, "ar", "trainer.max_steps=2", "trainer.accumulate_grad_batches=3",
                                    "trainer.logger=csv")
-    module = GeneratorModule(to_container(config))
+    module = generator_module(config)
     counts = Counts()
     trainer = build_trainer(config, [counts], tmp_path)
     trainer.fit(module, train_dataloaders=random_token_batches())

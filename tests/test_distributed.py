@@ -13,8 +13,8 @@ import pytest
 from nativetok.config import load_config
 from nativetok.data import DatasetIndex
 from nativetok.data.shards import ShardEntry, SplitIndex, write_shard
-from nativetok.data.tokens import tokenize_shards
 from nativetok.lit.train import train_tokenizer
+from nativetok.pipelines.tokenize import tokenize_shards
 
 from .conftest import REPO, TINY
 from .test_data import read_raw

@@ -20,7 +20,8 @@ from nativetok.checkpoints import tokenizer_pin
 from nativetok.config import load_config
 from nativetok.config.loading import to_container
 from nativetok.eval.samples import check_sample_folder
-from nativetok.models import NativeTokenizer, build_generator
+from nativetok.models import build_generator
+from nativetok.models.tokenizer import build_tokenizer
 
 from .conftest import REPO, TINY, tiny_generator_config
 
@@ -37,7 +38,7 @@ def generator(tmp_path_factory, fmnist_index) -> Path:
     torch.manual_seed(0)
     config = load_config(REPO / "experiments" / "fmnist_tiny.yaml",
                          TINY + [f"data.index={fmnist_index}", f"run.dir={root / 'tok'}"])
-    tokenizer = NativeTokenizer(config.tokenizer, config.data.image_size, config.data.channels)
+    tokenizer = build_tokenizer(config.tokenizer, config.data.image_size, config.data.channels)
     torch.save({"nativetok": {"kind": "tokenizer"}, "hyper_parameters": {"config": to_container(config)},
                 "state_dict": {f"tokenizer.{k}": v for k, v in tokenizer.state_dict().items()}}, root / "tok.ckpt")
     config = tiny_generator_config(root / "gen", "ar", f"generator.tokenizer={root / 'tok.ckpt'}")

@@ -185,7 +185,7 @@ def test_compare_runs_the_whole_comparison_on_a_tiny_preset(tmp_path, fmnist_ind
     """Two kinds and the prefix-dropout row, two seeds each: tokens, one AR generator each, FID/KID, the prefix
     curve, the table with mean ± sd and verdicts (tiny sizes, real data)."""
     from nativetok.data.shards import DatasetIndex
-    from nativetok.eval.compare import compare
+    from nativetok.pipelines.compare import compare
 
     from .conftest import TINY
 

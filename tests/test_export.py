@@ -17,13 +17,11 @@ from nativetok import load_generator, load_tokenizer
 from nativetok.checkpoints import CheckpointError, file_sha256, load_generator_tokenizer
 from nativetok.cli import main
 from nativetok.config import load_config
-from nativetok.config.loading import to_container
 from nativetok.data import DatasetIndex
 from nativetok.data.shards import Manifest
 from nativetok.eval.samples import SAMPLE_MANIFEST
-from nativetok.export import export
-from nativetok.lit.generator_module import GeneratorModule
-from nativetok.lit.train import build_trainer, train_tokenizer
+from nativetok.lit.train import build_trainer, generator_module, train_tokenizer
+from nativetok.pipelines.export import export
 
 from .conftest import REPO, TINY, random_token_batches, tiny_generator_config
 
@@ -41,7 +39,7 @@ def run(tmp_path_factory, fmnist_index):
     tokenizer = root / "tok" / "checkpoints" / "last.ckpt"
     config = tiny_generator_config(root / "gen", "ar", f"generator.tokenizer={tokenizer}", "optim.ema_decay=0.5",
                                    "trainer.max_steps=2", f"data.index={root / 'no_tokens' / 'index.json'}")
-    module = GeneratorModule(to_container(config))
+    module = generator_module(config)
     _ = module.tokenizer  # pins it
     build_trainer(config, [], root / "gen").fit(module, train_dataloaders=random_token_batches())
     generator = root / "gen" / "checkpoints" / "last.ckpt"

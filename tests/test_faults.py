@@ -16,14 +16,12 @@ import torch
 
 from nativetok.cli import main
 from nativetok.config import ConfigError
-from nativetok.config.loading import to_container
 from nativetok.data.shards import write_shard
 from nativetok.data.stream import DataError
 from nativetok.lit import checkpoint_io
 from nativetok.lit.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
-from nativetok.lit.generator_module import GeneratorModule
 from nativetok.lit.guards import NonFiniteLossError
-from nativetok.lit.train import build_trainer, checkpoint_to_resume, train_tokenizer
+from nativetok.lit.train import build_trainer, checkpoint_to_resume, generator_module, train_tokenizer
 
 from .conftest import REPO, TINY, random_token_batches, tiny_generator_config
 
@@ -193,43 +191,42 @@ class Poison(pl.Callback):
         self.calls += 1
 
 
-def test_nan_losses_skip_their_steps_and_too_many_in_a_row_stop_with_the_step(tiny_config):
+def test_nan_losses_skip_their_steps_and_too_many_in_a_row_stop_with_the_step(tiny_config, tmp_path):
     from nativetok.lit.tokenizer_module import TokenizerModule
 
     from .test_stage1_training import fit
 
-    config = tiny_config("trainer.max_steps=6", "trainer.val_every_n_steps=100", "trainer.max_nonfinite_steps=3")
-    trainer, module = fit(config, [Poison({2, 3})])
+    settings = ("trainer.max_steps=6", "trainer.val_every_n_steps=100", "trainer.max_nonfinite_steps=3")
+    trainer, module = fit(tiny_config(*settings, f"run.dir={tmp_path / 'some'}"), [Poison({2, 3})])
     # Decided on the device: the two poisoned steps count as steps, but update nothing.
     assert trainer.global_step == 6 and module.loss_guard.total == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert trainer.callback_metrics["train/nonfinite_steps"] == 2
     expected = "3 non-finite values of the autoencoder loss in a row, the last at step 4"
     with pytest.raises(NonFiniteLossError, match=expected):
-        fit(config, [Poison(range(2, 100))])
+        fit(tiny_config(*settings, f"run.dir={tmp_path / 'all'}"), [Poison(range(2, 100))])
     assert isinstance(module, TokenizerModule)
 
 
-class PoisonedGenerator(GeneratorModule):
-    """A generator whose training loss is NaN at the given calls (counted from 0)."""
+def poisoned_generator(config, calls):
+    """Stage 2's module whose generator returns a NaN training loss at the given calls (counted from 0)."""
+    module = generator_module(config)
+    loss, count = module.generator.loss, iter(range(10**9))
 
-    def __init__(self, config: dict, calls):
-        super().__init__(config)
-        self.poisoned, self.calls = set(calls), 0
+    def poisoned(tokens, labels, generator=None):
+        value, per_position = loss(tokens, labels, generator)
+        if module.training and next(count) in calls:
+            value = value * float("nan")
+        return value, per_position
 
-    def _loss(self, model, tokens, labels, generator):
-        loss, per_position = super()._loss(model, tokens, labels, generator)
-        if self.training:
-            if self.calls in self.poisoned:
-                loss = loss * float("nan")
-            self.calls += 1
-        return loss, per_position
+    module.generator.loss = poisoned
+    return module
 
 
 def test_nan_losses_in_stage2_skip_their_steps_and_too_many_stop(tmp_path):
     config = tiny_generator_config(tmp_path, "ar", "trainer.max_steps=3", "trainer.max_nonfinite_steps=2")
     loader = random_token_batches()
-    module = PoisonedGenerator(to_container(config), {1})
+    module = poisoned_generator(config, {1})
     trainer = build_trainer(config, [], tmp_path / "one")
     trainer.fit(module, train_dataloaders=loader)
     # Lightning's automatic optimization still counts a step whose loss was skipped: no update was made.
@@ -237,7 +234,7 @@ def test_nan_losses_in_stage2_skip_their_steps_and_too_many_stop(tmp_path):
     assert all(torch.isfinite(p).all() for p in module.parameters())
     with pytest.raises(NonFiniteLossError, match="2 non-finite values of the loss in a row, the last at step 2"):
         build_trainer(config, [], tmp_path / "all").fit(
-            PoisonedGenerator(to_container(config), range(1, 100)), train_dataloaders=loader)
+            poisoned_generator(config, range(1, 100)), train_dataloaders=loader)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +15,16 @@ from torch.utils.data import DataLoader
 from nativetok import load_generator, load_tokenizer
 from nativetok.checkpoints import CheckpointError
 from nativetok.config import load_config
+from nativetok.config.schema import GENERATOR_KINDS, GeneratorConfig, SamplingConfig
 from nativetok.data import DatasetIndex, TokenShardsDataModule
 from nativetok.data.stream import DataError, ShardSpec, ShardStream
-from nativetok.data.tokens import decode_ids, tokenize_shards
+from nativetok.data.tokens import decode_ids
 from nativetok.data.transforms import ImageDecoder
-from nativetok.eval.samples import sample_to_folder
 from nativetok.lit.train import train_generator, train_tokenizer
-from nativetok.models import ARGenerator, MaskGITGenerator
+from nativetok.models import GENERATORS, ARGenerator, Generator, MaskGITGenerator, build_generator
 from nativetok.models.maskgit import masked_after_step
+from nativetok.pipelines.sample import sample_to_folder
+from nativetok.pipelines.tokenize import tokenize_shards
 
 from .conftest import REPO, TINY
 from .test_data import read_raw
@@ -87,6 +91,42 @@ def test_mask_schedules_are_monotone_and_reach_zero():
         assert counts == sorted(counts, reverse=True) and counts[-1] == 0 and len(set(counts)) == 8
 
 
+def test_the_registry_builds_every_configured_kind_and_names_the_settings_it_samples_with():
+    assert set(GENERATORS) == set(GENERATOR_KINDS)
+    fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+    for kind in GENERATOR_KINDS:
+        config = GeneratorConfig(kind=kind, codebook_size=32, num_tokens=12, width=32, depth=2, heads=2,
+                                 mask_schedule="arccos")
+        model = build_generator(config, 5)
+        assert type(model) is GENERATORS[kind] and model.kind == kind and isinstance(model, Generator)
+        assert set(model.sampling_fields) <= fields
+    assert build_generator(config, 5).schedule == "arccos"
+    with pytest.raises(ValueError, match="unknown generator kind 'gpt': use ar or maskgit"):
+        build_generator(GeneratorConfig(kind="gpt"), 5)
+    with pytest.raises(ValueError, match="unknown mask schedule 'square'"):
+        tiny_maskgit(schedule="square")
+
+
+@pytest.mark.parametrize("make", [tiny_ar, tiny_maskgit])
+def test_sample_reads_the_settings_of_its_kind_from_a_sampling_config_and_keywords_override_them(make):
+    model = make()
+    sampling = SamplingConfig(cfg_scale=3.0, cfg_schedule="linear", temperature=0.8, top_k=8, top_p=0.9, steps=5,
+                              choice_temperature=2.0)
+    chosen = {name: getattr(sampling, name) for name in model.sampling_fields}
+    ids = model.sample(LABELS, sampling, 3)
+    assert torch.equal(ids, model.sample(LABELS, seed=3, **chosen))
+    unguided = model.sample(LABELS, sampling, 3, cfg_scale=1.0)
+    assert torch.equal(unguided, model.sample(LABELS, seed=3, **{**chosen, "cfg_scale": 1.0}))
+
+
+def test_state_dict_keys_are_those_checkpoints_hold():
+    block = ["norm1.weight", "attn.qkv.weight", "attn.out.weight", "norm2.weight", "mlp.up.weight", "mlp.down.weight"]
+    trunk = ["class_embed.weight", "token_embed.weight", *(f"blocks.{i}.{k}" for i in range(2) for k in block),
+             "norm.weight", "head.weight"]
+    assert list(tiny_ar().state_dict()) == trunk
+    assert list(tiny_maskgit().state_dict()) == ["positions", *trunk]
+
+
 @pytest.mark.parametrize("make", [tiny_ar, tiny_maskgit])
 def test_a_generator_overfits_a_tiny_token_set(make):
     model = make(class_dropout=0.0).train()
@@ -95,8 +135,7 @@ def test_a_generator_overfits_a_tiny_token_set(make):
     labels = torch.arange(5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):
-        loss, _ = (model.loss(tokens, labels, generator) if isinstance(model, MaskGITGenerator)
-                   else model.loss(tokens, labels))
+        loss, _ = model.loss(tokens, labels, generator)  # the shared interface: AR draws nothing
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -194,7 +233,8 @@ def test_mismatched_token_shards_and_tokenizers_are_refused(pipeline):
 @pytest.mark.parametrize("kind", ["ar", "maskgit"])
 def test_generators_train_through_lightning_and_sample_reproducibly(pipeline, kind):
     config = generator_config(pipeline, kind)
-    run_dir = train_generator(config)
+    train_generator(config)
+    run_dir = Path(config.run.dir)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     assert (run_dir / "samples.png").is_file()
     model = load_generator(checkpoint)
@@ -224,8 +264,8 @@ def test_tokenize_sample_and_eval_fid_run_under_autocast(pipeline, tmp_path):
     stored = [decode_ids(s["tokens.npy"]) for s in read_raw(out / "fmnist-tokens-val-000000.tar")]
     assert len(stored) == 2000 and all(s.shape == (8,) and 0 <= s.min() and s.max() < 32 for s in stored)
 
-    run_dir = train_generator(generator_config(pipeline, "ar", f"run.dir={tmp_path / 'ar'}",
-                                               "trainer.precision=bf16-mixed"))
+    train_generator(generator_config(pipeline, "ar", f"run.dir={tmp_path / 'ar'}", "trainer.precision=bf16-mixed"))
+    run_dir = tmp_path / "ar"
     checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
     for precision in ("bf16-mixed", "16-mixed"):
         folder = sample_to_folder(checkpoint, tmp_path / precision, classes=[1], per_class=2, device="cpu",

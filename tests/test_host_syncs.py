@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from nativetok.config.loading import to_container
-from nativetok.lit.generator_module import GeneratorModule
-from nativetok.lit.train import build_trainer
+from nativetok.lit.train import build_trainer, generator_module
 from nativetok.models.graphs import encoder_key
-from nativetok.models.tokenizer import NativeTokenizer
+from nativetok.models.tokenizer import NativeTokenizer, build_tokenizer
+from nativetok.pixels import to_signed
 from nativetok.profiling import DispatchCounter
 
 from .conftest import random_token_batches, tiny_generator_config
@@ -66,7 +65,8 @@ def test_stage2_steps_make_no_host_sync(tmp_path):
                                    "trainer.log_every_n_steps=4")
     loader = random_token_batches()
     probe = SyncProbe()
-    build_trainer(config, [probe], tmp_path).fit(GeneratorModule(to_container(config)), train_dataloaders=loader)
+    build_trainer(config, [probe], tmp_path).fit(
+        generator_module(config), train_dataloaders=loader)
     quiet = probe.quiet_steps(8)
     assert len(quiet) >= 4
     for step, counter in quiet:
@@ -76,7 +76,7 @@ def test_stage2_steps_make_no_host_sync(tmp_path):
 def tiny_tokenizer(tiny_config, kind: str, active: int) -> NativeTokenizer:
     config = tiny_config(f"tokenizer.kind={kind}")
     torch.manual_seed(0)
-    tokenizer = NativeTokenizer(config.tokenizer, config.data.image_size, config.data.channels)
+    tokenizer = build_tokenizer(config.tokenizer, config.data.image_size, config.data.channels)
     if kind == "nativetok":
         tokenizer.set_active(active)
         tokenizer.set_trainable(range(active // 2, active), ["decoder"])  # a growth stage
@@ -89,7 +89,7 @@ def test_the_encoder_meets_cuda_graph_conditions_no_syncs_and_one_compiled_graph
     expert) to the eager losses and gradients."""
     for kind in ("nativetok", "parallel"):
         tokenizer = tiny_tokenizer(tiny_config, kind, 6)
-        target = images * 2 - 1
+        target = to_signed(images)  # quantize works on the networks' scale
         with DispatchCounter() as counter:
             out = tokenizer.quantize(target)
             (out.codes.square().sum() + out.loss).backward()

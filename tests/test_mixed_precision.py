@@ -11,10 +11,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from nativetok.config.loading import to_container
-from nativetok.lit.generator_module import GeneratorModule
 from nativetok.lit.guards import StepGuard
-from nativetok.lit.train import build_trainer
+from nativetok.lit.train import build_trainer, generator_module
 
 from .conftest import random_token_batches, tiny_generator_config
 from .test_stage1_training import fit
@@ -70,7 +68,7 @@ def test_stage2_trains_under_mixed_precision_with_clipping(tmp_path, kind, preci
     config = tiny_generator_config(tmp_path, kind, "trainer.max_steps=4", f"trainer.precision={precision}",
                                    "optim.grad_clip=0.1")
     loader = random_token_batches()
-    module = GeneratorModule(to_container(config))
+    module = generator_module(config)
     before = {k: v.clone() for k, v in module.generator.state_dict().items()}
     trainer = build_trainer(config, [], tmp_path)
     trainer.fit(module, train_dataloaders=loader)

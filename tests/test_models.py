@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from nativetok.losses import LPIPS, LeCam, adaptive_weight, load_lpips
-from nativetok.models import NativeTokenizer
 from nativetok.models.layers import Block, causal_mask
 from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import VectorQuantizer, code_statistics
+from nativetok.models.tokenizer import build_tokenizer
+from nativetok.pixels import to_signed, to_unit
 
 
 def make_tokenizer(tiny_config, kind="nativetok", *extra):
     torch.manual_seed(0)
     config = tiny_config(f"tokenizer.kind={kind}", *extra)
-    return NativeTokenizer(config.tokenizer, config.data.image_size, config.data.channels).eval()
+    return build_tokenizer(config.tokenizer, config.data.image_size, config.data.channels).eval()
 
 
 def test_block_last_positions_equal_the_full_computation():
@@ -29,12 +30,12 @@ def test_block_last_positions_equal_the_full_computation():
 
 def test_changing_expert_j_changes_no_earlier_token(tiny_config, images):
     tokenizer = make_tokenizer(tiny_config)
-    before = tokenizer.quantize(images * 2 - 1)
+    before = tokenizer.quantize(to_signed(images))
     j = 5
     with torch.no_grad():
         for p in tokenizer.experts.experts[j].parameters():
             p.add_(torch.randn_like(p))
-    after = tokenizer.quantize(images * 2 - 1)
+    after = tokenizer.quantize(to_signed(images))
     assert torch.equal(after.inputs[:, :j], before.inputs[:, :j]) and torch.equal(after.ids[:, :j], before.ids[:, :j])
     assert not torch.allclose(after.inputs[:, j], before.inputs[:, j])
 
@@ -42,7 +43,7 @@ def test_changing_expert_j_changes_no_earlier_token(tiny_config, images):
 def test_changing_tokens_from_position_j_on_changes_no_earlier_token(tiny_config, images):
     """Perturb the quantized token handed to later experts from position j on: earlier tokens stay."""
     tokenizer = make_tokenizer(tiny_config)
-    z = tokenizer.mit(images * 2 - 1)
+    z = tokenizer.mit(to_signed(images))
     j = 3
 
     class Perturbing(torch.nn.Module):
@@ -68,12 +69,12 @@ def test_changing_tokens_from_position_j_on_changes_no_earlier_token(tiny_config
 def test_baselines_latent_order(tiny_config, images, kind, causal):
     """causal_mask: latent j cannot reach earlier tokens; parallel: it can (the test has teeth)."""
     tokenizer = make_tokenizer(tiny_config, kind)
-    before = tokenizer.quantize(images * 2 - 1).inputs
+    before = tokenizer.quantize(to_signed(images)).inputs
     j = 4
     with torch.no_grad():
         # random, not a constant: LayerNorm would remove a constant shift
         tokenizer.latents.tokens[:, j] += torch.randn_like(tokenizer.latents.tokens[:, j])
-    after = tokenizer.quantize(images * 2 - 1).inputs
+    after = tokenizer.quantize(to_signed(images)).inputs
     assert torch.equal(after[:, :j], before[:, :j]) == causal
     assert not torch.allclose(after[:, j], before[:, j])
 
@@ -93,6 +94,35 @@ def test_encode_decode_shapes_and_prefix_decoding(tiny_config, images, kind):
     codes = tokenizer.quantizer.lookup(ids)
     lengths = torch.full((6,), 4)
     torch.testing.assert_close(tokenizer.decoder(codes, lengths), tokenizer.decoder(codes[:, :4]))
+
+
+@pytest.mark.parametrize("kind", ["nativetok", "parallel", "causal_mask"])
+def test_every_public_method_speaks_pixels_in_0_1(tiny_config, images, kind):
+    """forward's reconstruction is on the scale of its input and of decode (unclamped, decode clamps)."""
+    tokenizer = make_tokenizer(tiny_config, kind)
+    out = tokenizer(images)
+    assert torch.equal(out.reconstruction, to_unit(out.signed))
+    assert torch.equal(out.ids, tokenizer.encode(images))
+    torch.testing.assert_close(out.reconstruction.clamp(0, 1), tokenizer.decode(out.ids))
+    assert torch.equal(to_signed(to_unit(torch.tensor([-1.0, 0.0, 1.0]))), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_the_kind_registry_builds_one_class_per_kind(tiny_config):
+    from nativetok.config.schema import TOKENIZER_KINDS
+    from nativetok.models.tokenizer import TOKENIZERS, NativeTokenizer
+
+    assert set(TOKENIZERS) == set(TOKENIZER_KINDS)
+    for kind in TOKENIZER_KINDS:
+        tokenizer = make_tokenizer(tiny_config, kind)
+        assert isinstance(tokenizer, NativeTokenizer) and tokenizer.kind == kind
+    config = tiny_config().tokenizer
+    with pytest.raises(TypeError, match="build_tokenizer"):
+        NativeTokenizer(config, 32, 1)
+    config.kind = "other"
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'other'"):
+        build_tokenizer(config, 32, 1)
+    with pytest.raises(ValueError, match="always produces all 8 tokens"):
+        make_tokenizer(tiny_config, "causal_mask").set_active(4)
 
 
 def test_bad_inputs_are_named(tiny_config, images):
@@ -141,6 +171,31 @@ def test_dead_codes_restart_onto_encoder_outputs():
     assert quantizer.restart_dead(candidates, 125, after=30, generator=torch.Generator()) == 0
 
 
+def test_maintain_notes_usage_every_step_and_restarts_every_quarter_of_after():
+    torch.manual_seed(0)
+    quantizer, twin = VectorQuantizer(8, 3), VectorQuantizer(8, 3)
+    twin.load_state_dict(quantizer.state_dict())
+    ids, vectors = torch.tensor([[0, 1]]), torch.randn(1, 2, 3)
+    gathered = []
+
+    def gather(t):
+        gathered.append(t)
+        return t
+
+    assert quantizer.maintain(ids, vectors, 0, after=0, seed=3) is None  # off
+    assert quantizer.maintain(ids, vectors, 1, after=8, seed=3, gather=gather) is None  # not a restart step
+    assert quantizer.last_used[:2].tolist() == [1, 1] and len(gathered) == 1
+    moved = quantizer.maintain(ids, vectors, 2, after=8, seed=3, gather=gather, allowed=torch.tensor(True))
+    twin.note_usage(ids, 1)
+    twin.note_usage(ids, 2)
+    expected = twin.restart_dead(vectors.reshape(-1, 3), 2, 8, torch.Generator().manual_seed(3 * 1_000_003 + 2))
+    assert moved == expected == 6 and len(gathered) == 3
+    assert torch.equal(quantizer.codebook, twin.codebook)
+    assert quantizer.maintain(ids, vectors, 4, 8, 3, allowed=torch.tensor(False)) == 0  # vetoed
+    quantizer.codebook.requires_grad_(False)
+    assert quantizer.maintain(ids, vectors, 6, 8, 3) is None  # a frozen codebook stays as it is
+
+
 def test_growing_copies_the_last_expert_or_initialises_fresh_ones(tiny_config):
     tokenizer = make_tokenizer(tiny_config)
     tokenizer.set_active(2)
@@ -187,7 +242,7 @@ def test_lpips_loads_local_weight_files_and_measures_distance(tmp_path, images):
     torch.save({f"features.{k}": v for k, v in reference.features.state_dict().items()}, tmp_path / "vgg16.pth")
     torch.save({f"lin{i}.model.1.weight": c.weight for i, c in enumerate(reference.lins)}, tmp_path / "vgg.pth")
     lpips = load_lpips(tmp_path / "vgg16.pth", tmp_path / "vgg.pth")
-    x = images * 2 - 1
+    x = to_signed(images)
     assert float(lpips(x, x)) == 0.0
     noisy = (x + 0.3 * torch.randn_like(x)).requires_grad_()
     distance = lpips(noisy, x)
@@ -226,7 +281,7 @@ def test_imagenet_models_build_on_the_meta_device_with_their_sizes(name, tokens,
 
     config = load_config(REPO / "experiments" / f"imagenet256_{name}.yaml")
     with torch.device("meta"):
-        tokenizer = NativeTokenizer(config.tokenizer, 256, 3)
+        tokenizer = build_tokenizer(config.tokenizer, 256, 3)
     counts = tokenizer.parameter_counts()
     assert tokenizer.num_tokens == tokens and config.tokenizer.quantizer.codebook_size == 4096
     assert counts["mit"] == pytest.approx(vit_params(*vit), rel=0.03)
@@ -250,7 +305,7 @@ def test_a_prefix_cache_gives_the_same_tokens_loss_and_gradients(tiny_config, im
     def step(**cached):
         tokenizer.zero_grad(set_to_none=True)
         out = tokenizer(images, **cached)
-        loss = (out.reconstruction - (images * 2 - 1)).square().mean() + out.quantizer_loss
+        loss = (out.reconstruction - images).square().mean() + out.quantizer_loss
         loss.backward()
         return out.ids, loss.detach(), {n: p.grad for n, p in tokenizer.named_parameters() if p.requires_grad}
 

@@ -51,3 +51,24 @@ def test_imagenet_experiments_need_only_the_vgg_trunk(tmp_path):
     assert config.loss.perceptual.lin_weights is None
     with pytest.raises(FileNotFoundError, match=f"{VGG16_URL}.*weights/lpips/vgg16-397923af.pth"):
         load_lpips(tmp_path / "vgg16-397923af.pth")
+
+
+def test_the_tokenizer_loss_adds_lpips_on_the_decoder_scale_and_keeps_it_out_of_the_state_dict(
+    tiny_config, images, vgg_file
+):
+    from nativetok.losses import TokenizerLoss
+    from nativetok.models.tokenizer import build_tokenizer
+
+    config = tiny_config("loss.pixel=l1", "loss.perceptual_weight=0.5", f"loss.perceptual.vgg_weights={vgg_file}")
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(config.tokenizer, config.data.image_size, config.data.channels)
+    loss_fn = TokenizerLoss(config.loss, config.data.channels)
+    out = tokenizer(images)
+    loss, logs = loss_fn.autoencoder_loss(images, out, tokenizer.decoder.last_layer, step=0)
+    lpips = load_lpips(vgg_file)
+    target = images * 2 - 1
+    perceptual = lpips(out.signed, target)
+    assert torch.equal(logs["train/perceptual_loss"], perceptual.detach()) and float(perceptual.detach()) > 0
+    rec = torch.nn.functional.l1_loss(out.signed, target)
+    assert torch.equal(loss, rec + 0.5 * perceptual + out.quantizer_loss)
+    assert list(loss_fn.state_dict()) == []  # a fixed metric: never in checkpoints

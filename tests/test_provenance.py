@@ -33,10 +33,12 @@ from nativetok.data.shards import (
     write_shard,
 )
 from nativetok.data.stream import DataError, ShardSpec, ShardStream
-from nativetok.data.tokens import decode_ids, tokenize_shards
+from nativetok.data.tokens import decode_ids
 from nativetok.data.transforms import ImageDecoder
-from nativetok.eval.samples import SAMPLE_MANIFEST, check_sample_folder, sample_to_folder
+from nativetok.eval.samples import SAMPLE_MANIFEST, check_sample_folder
 from nativetok.lit.train import train_generator, train_tokenizer
+from nativetok.pipelines.sample import sample_to_folder
+from nativetok.pipelines.tokenize import tokenize_shards
 
 from .conftest import REPO, TINY
 from .test_data import read_raw
@@ -214,7 +216,7 @@ def generator_run(world):
     previous = Path.cwd()
     os.chdir(work)
     try:
-        run_dir = train_generator(config)
+        run_dir = Path(train_generator(config)[1].cfg.run.dir)
     finally:
         os.chdir(previous)
     return work / run_dir / "checkpoints" / "last.ckpt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -15,9 +16,8 @@ from nativetok.config.loading import to_container
 from nativetok.data import ImageShardsDataModule
 from nativetok.data.shards import write_shard
 from nativetok.data.stream import ShardSpec, read_shard
-from nativetok.lit.callbacks import ExpertGrowth
-from nativetok.lit.tokenizer_module import TokenizerModule
-from nativetok.lit.train import build_trainer, checkpoint_callback, train_tokenizer
+from nativetok.lit.train import tokenizer_module, train_tokenizer
+from nativetok.pixels import to_signed
 
 FMNIST_SHARD = Path(__file__).resolve().parents[1] / "data" / "fmnist" / "fmnist-train-000000.tar"
 GROWTH = "growth.stages=[{step: 0, experts: 2}, {step: 4, experts: 4, train: [decoder]}, {step: 9, experts: 8}]"
@@ -37,25 +37,22 @@ class Recorder(pl.Callback):
 
 
 def fit(config, callbacks=(), ckpt_path=None):
-    torch.manual_seed(config.seed)
-    module = TokenizerModule(to_container(config))
-    run_dir = Path(config.run.dir)
-    extra = [ExpertGrowth(config.growth.stages)] if config.growth.stages else []
-    trainer = build_trainer(config, [checkpoint_callback(run_dir), *extra, *callbacks], run_dir)
-    trainer.fit(module, datamodule=ImageShardsDataModule(config.data, seed=config.seed), ckpt_path=ckpt_path)
-    return trainer, module
+    """What `nativetok train` runs, continuing from `ckpt_path` when given."""
+    if ckpt_path:
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, resume=ckpt_path))
+    return train_tokenizer(config, callbacks)
 
 
 def test_training_cuts_the_reconstruction_loss_on_real_images(tiny_config):
     """Overfit one real batch: the reconstruction loss falls to well under half of where it started."""
     config = tiny_config("optim.lr=3e-3", "optim.warmup_steps=5")
-    module = TokenizerModule(to_container(config))
+    module = tokenizer_module(config)
     images = next(iter(ImageShardsDataModule(config.data).make_stream(False)))["image"].float() / 255
     optimizer = torch.optim.AdamW(module.tokenizer.parameters(), lr=3e-3)
     losses = []
     for _ in range(120):
         out = module.tokenizer(images)
-        loss = ((out.reconstruction - (images * 2 - 1)) ** 2).mean()
+        loss = ((out.signed - to_signed(images)) ** 2).mean()  # on the decoder's scale
         optimizer.zero_grad()
         (loss + out.quantizer_loss).backward()
         optimizer.step()
@@ -127,18 +124,47 @@ def test_gan_training_counts_one_step_per_batch_and_trains_the_discriminator(tin
         "trainer.max_steps=4", "trainer.val_every_n_steps=100",
     )
     torch.manual_seed(0)
-    start = TokenizerModule(to_container(config)).discriminator.state_dict()
+    start = tokenizer_module(config).loss.discriminator.state_dict()
     trainer, module = fit(config)
     assert trainer.global_step == 4
-    end = module.discriminator.state_dict()
+    end = module.loss.discriminator.state_dict()
     assert any(not torch.equal(start[k], end[k]) for k in start)
     assert "train/adaptive_weight" in trainer.callback_metrics and "train/d_loss" in trainer.callback_metrics
+
+
+def test_checkpoints_from_before_the_loss_module_still_resume(tiny_config, tmp_path):
+    """Checkpoints written when the discriminator and LeCam sat on the module itself (`discriminator.*`,
+    `lecam.*`) resume with those weights under `loss.`; `tokenizer.*` keys and the saved config are as ever."""
+    gan = ("loss.disc_weight=0.1", "loss.disc_start=1", "loss.lecam_weight=0.01", "loss.discriminator.channels=8",
+           "loss.discriminator.layers=2", "trainer.val_every_n_steps=100")
+    config = tiny_config(*gan, "trainer.max_steps=2", f"run.dir={tmp_path / 'old'}")
+    _, module = fit(config)
+    checkpoint = torch.load(tmp_path / "old" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"] == {"config": to_container(config)}
+    state = checkpoint["state_dict"]
+    assert set(module.tokenizer.state_dict()) == {k[len("tokenizer."):] for k in state if k.startswith("tokenizer.")}
+    assert any(k.startswith("loss.discriminator.") for k in state) and "loss.lecam.real_mean" in state
+    checkpoint["state_dict"] = {k.removeprefix("loss."): v for k, v in state.items()}  # the old layout
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    restored = {}
+
+    class Restored(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            restored.update({f"loss.{k}": v.clone() for k, v in pl_module.loss.state_dict().items()})
+
+    config = tiny_config(*gan, "trainer.max_steps=3", f"run.dir={tmp_path / 'resumed'}")
+    trainer, _ = fit(config, [Restored()], ckpt_path=str(tmp_path / "old.ckpt"))
+    assert trainer.global_step == 3
+    expected = {k: v for k, v in state.items() if k.startswith("loss.")}
+    assert restored.keys() == expected.keys() and all(torch.equal(restored[k], v) for k, v in expected.items())
+    assert float(expected["loss.lecam.real_mean"]) != 0  # the LeCam means are part of what came back
 
 
 def test_train_command_writes_run_folder_and_resumes(tiny_config, caplog):
     config = tiny_config("trainer.max_steps=2", "trainer.val_every_n_steps=2", "trainer.images_every_n_steps=1")
     with caplog.at_level(logging.INFO, logger="nativetok"):
-        run_dir = train_tokenizer(config)
+        train_tokenizer(config)
+    run_dir = Path(config.run.dir)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "reconstructions.png").is_file() and any((run_dir / "tb").glob("events.*"))
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation at step 2:")]

@@ -13,10 +13,8 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nativetok.config.loading import to_container
 from nativetok.lit.callbacks import SampleGrid, labelled_grid, prefix_lengths
-from nativetok.lit.generator_module import GeneratorModule
-from nativetok.lit.train import build_trainer, train_tokenizer
+from nativetok.lit.train import build_trainer, generator_module, train_tokenizer
 
 from .conftest import random_token_batches, tiny_generator_config
 
@@ -60,7 +58,9 @@ def test_a_grid_enlarges_small_images_pixel_for_pixel_and_labels_every_row():
 
 
 def test_stage1_logs_prefix_psnr_and_one_labelled_grid_per_evaluation_at_its_step(tiny_config):
-    run_dir = train_tokenizer(tiny_config(*GROWING))
+    config = tiny_config(*GROWING)
+    train_tokenizer(config)
+    run_dir = Path(config.run.dir)
     tb = events(run_dir)
     images = tb.Images("reconstructions")
     assert [e.step for e in images] == [2, 4]  # the last step is not logged again at the end of training
@@ -78,7 +78,9 @@ def test_stage1_logs_prefix_psnr_and_one_labelled_grid_per_evaluation_at_its_ste
 
 
 def test_stage2_sample_rows_are_named_by_class_and_logged_with_their_evaluation(tiny_config, tmp_path):
-    tokenizer_run = train_tokenizer(tiny_config("trainer.max_steps=1", "trainer.val_every_n_steps=1"))
+    tokenizer_config = tiny_config("trainer.max_steps=1", "trainer.val_every_n_steps=1")
+    train_tokenizer(tokenizer_config)
+    tokenizer_run = Path(tokenizer_config.run.dir)
     config = tiny_generator_config(
         tmp_path / "gen", "ar", f"generator.tokenizer={tokenizer_run / 'checkpoints' / 'last.ckpt'}",
         f"data.index={tmp_path / 'tokens' / 'index.json'}", "trainer.max_steps=4", "trainer.val_every_n_steps=2",
@@ -96,7 +98,8 @@ def test_stage2_sample_rows_are_named_by_class_and_logged_with_their_evaluation(
             return random_token_batches()
 
     grid = SampleGrid(2, tmp_path / "samples.png", per_class=2)
-    build_trainer(config, [grid], tmp_path / "gen").fit(GeneratorModule(to_container(config)), datamodule=Tokens())
+    build_trainer(config, [grid], tmp_path / "gen").fit(
+        generator_module(config), datamodule=Tokens())
     assert grid.label(3) == "3 Dress" and SampleGrid(2).label(3) == "3"  # class ids where the index has no names
     tb = events(tmp_path / "gen")
     samples = tb.Images("samples")

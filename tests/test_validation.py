@@ -28,7 +28,7 @@ from nativetok.config.schema import (
 from nativetok.data import DatasetIndex, TokenShardsDataModule
 from nativetok.data.shards import ShardEntry, SplitIndex, write_shard
 from nativetok.data.stream import DataError
-from nativetok.models import NativeTokenizer
+from nativetok.models.tokenizer import NativeTokenizer, build_tokenizer
 
 from .conftest import REPO
 
@@ -115,7 +115,7 @@ def tokenizer() -> NativeTokenizer:
         experts=ExpertsConfig(depth=1, heads=2), quantizer=QuantizerConfig(codebook_size=32),
         decoder=DecoderConfig(width=32, depth=1, heads=2),
     )
-    return NativeTokenizer(config, image_size=32, channels=1).eval()
+    return build_tokenizer(config, image_size=32, channels=1).eval()
 
 
 def test_encode_refuses_pixels_outside_0_1_and_names_the_fix(tokenizer):

@@ -9,8 +9,7 @@
     ids = gen.sample(labels=torch.tensor([0, 1, 2]), cfg_scale=2.0, temperature=1.0, seed=0)
 """
 
-__version__ = "0.1.0"
-
-from nativetok.checkpoints import load_generator, load_tokenizer  # noqa: E402
+from nativetok.checkpoints import load_generator, load_tokenizer
+from nativetok.version import __version__
 
 __all__ = ["__version__", "load_generator", "load_tokenizer"]

@@ -26,7 +26,7 @@ import torch
 
 from nativetok.config.loading import from_container
 from nativetok.config.schema import ExperimentConfig
-from nativetok.models import ARGenerator, MaskGITGenerator, NativeTokenizer, build_generator
+from nativetok.models import Generator, NativeTokenizer, build_generator, build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def tokenizer_from_checkpoint(
 ) -> NativeTokenizer:
     """`load_tokenizer` for a checkpoint already read (by a caller that also needs its step)."""
     config = from_container(checkpoint["hyper_parameters"]["config"])
-    tokenizer = NativeTokenizer(config.tokenizer, config.data.image_size, config.data.channels)
+    tokenizer = build_tokenizer(config.tokenizer, config.data.image_size, config.data.channels)
     load_weights(tokenizer, checkpoint, "tokenizer", ema)
     return tokenizer.to(device).eval()
 
@@ -211,14 +211,14 @@ def generator_config(path: str | os.PathLike) -> ExperimentConfig:
 
 def load_generator(
     path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True
-) -> ARGenerator | MaskGITGenerator:
+) -> Generator:
     """A trained generator in eval mode (its moving-average weights when it has them and `ema` is set)."""
     return generator_from_checkpoint(read_checkpoint(path, "generator"), device, ema)
 
 
 def generator_from_checkpoint(
     checkpoint: dict, device: str | torch.device = "cpu", ema: bool = True
-) -> ARGenerator | MaskGITGenerator:
+) -> Generator:
     """`load_generator` for a checkpoint already read (by a caller that also needs its config and pin)."""
     config = from_container(checkpoint["hyper_parameters"]["config"])
     generator = build_generator(config.generator, config.data.num_classes)

@@ -44,18 +44,6 @@ def _config(args: argparse.Namespace) -> None:
     print(to_yaml(load_config(args.experiment, args.overrides)), end="")
 
 
-def _bench(args: argparse.Namespace) -> None:
-    if args.device == "cpu":
-        from nativetok.bench import main as bench_main
-
-        bench_main(["--out", args.out or "runs/bench/bench.json"] + (["--quick"] if args.quick else []))
-    else:
-        from nativetok.bench_gpu import main as bench_gpu_main
-
-        bench_gpu_main(["--device", args.device, "--out", args.out or "runs/bench/bench_gpu.json"]
-                       + (["--quick"] if args.quick else []))
-
-
 def _train(args: argparse.Namespace) -> None:
     from nativetok.config import load_config
 
@@ -81,7 +69,7 @@ def _positive_int(text: str) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> None:
-    from nativetok.data.tokens import tokenize_shards
+    from nativetok.pipelines.tokenize import tokenize_shards
 
     tokenize_shards(
         args.tokenizer, args.data, Path(args.out), splits=args.splits, batch_size=args.batch_size,
@@ -98,7 +86,7 @@ SAMPLING_OPTIONS = {
 
 def _sample(args: argparse.Namespace) -> None:
     from nativetok.config.loading import check_sampling_options
-    from nativetok.eval.samples import sample_to_folder
+    from nativetok.pipelines.sample import sample_to_folder
 
     sampling = {field: getattr(args, option[2:].replace("-", "_")) for field, option in SAMPLING_OPTIONS.items()}
     check_sampling_options(sampling, SAMPLING_OPTIONS)
@@ -143,19 +131,19 @@ def _token_metrics(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from nativetok.eval.compare import compare
+    from nativetok.pipelines.compare import compare
 
     compare(args.preset, Path(args.out), seeds=args.seeds)
 
 
 def _export(args: argparse.Namespace) -> None:
-    from nativetok.export import export
+    from nativetok.pipelines.export import export
 
     print(export(args.checkpoint, Path(args.out), tokenizer=args.tokenizer, include_tokenizer=not args.no_tokenizer))
 
 
 def _ablate(args: argparse.Namespace) -> None:
-    from nativetok.eval.ablation import ablate
+    from nativetok.pipelines.ablation import ablate
 
     ablate(args.preset, Path(args.out))
 
@@ -215,7 +203,7 @@ def _experiment_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nativetok import __version__
+    from nativetok.version import __version__
 
     experiments = _experiments_epilog()
     parser = argparse.ArgumentParser(prog="nativetok", description=DESCRIPTION, epilog=TASKS + "\n" + experiments,
@@ -380,12 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--dry-run", action="store_true",
                         help="print the script instead of submitting it (missing inputs are only warned about)")
     submit.set_defaults(func=_submit)
-
-    bench = commands.add_parser("bench", help="speed and memory as ratios measured in one run (CPU or GPU table)")
-    bench.add_argument("--device", default="cpu", help="cpu: `make bench`; cuda: `make bench-gpu`")
-    bench.add_argument("--out", default=None, help="JSON file (a .md table beside it); default runs/bench/")
-    bench.add_argument("--quick", action="store_true", help="tiny shapes only")
-    bench.set_defaults(func=_bench)
 
     export = commands.add_parser("export", help="a checkpoint as a folder to share: model.safetensors (EMA weights "
                                  "when present), config.json and a README.md model card")

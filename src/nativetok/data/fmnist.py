@@ -25,6 +25,7 @@ from nativetok.data.shards import (
     shard_name,
     write_shard,
 )
+from nativetok.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,13 @@ def locate_files(source: Optional[Path], cache: Path) -> Path:
         if target.is_file():
             continue
         try:
-            urllib.request.urlretrieve(PUBLIC_URL + name, target.with_suffix(".part"))
+            with atomic_path(target, staging=target.with_suffix(".part")) as part:
+                urllib.request.urlretrieve(PUBLIC_URL + name, part)
         except OSError as error:
             raise RuntimeError(
                 f"could not download {PUBLIC_URL + name} ({error}). Install Debian's dataset-fashion-mnist "
                 f"(apt-get install dataset-fashion-mnist) or put the four IDX files in {cache}"
             ) from None
-        target.with_suffix(".part").rename(target)
     return cache
 
 

@@ -129,6 +129,34 @@ def _write_one(job) -> Tuple[str, int]:
     return str(path), write_shard(Path(path), samples)
 
 
+def _write_split(out: Path, name: str, split: str, items: List[Item], per_shard: int, workers: int,
+                 encoding: Tuple[int, str, str]) -> SplitIndex:
+    """Write the missing shards of one split in parallel workers, then count every shard against the plan."""
+    ranges = plan_shards(len(items), per_shard)
+    jobs = []
+    for number, rows in enumerate(ranges):
+        path = out / shard_name(name, split, number)
+        if not path.is_file():
+            jobs.append((path, items[rows.start : rows.stop], rows.start, split, *encoding))
+    log.info("%s/%s: %d images, %d shards, %d to write", name, split, len(items), len(ranges), len(jobs))
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        futures = [pool.submit(_write_one, job) for job in jobs]
+        for future in tqdm(as_completed(futures), total=len(futures), desc=f"{name} {split}", unit="shard"):
+            future.result()
+    entries = []
+    for number, rows in enumerate(ranges):
+        file = shard_name(name, split, number)
+        found = count_samples(out / file)
+        if found != len(rows):
+            raise RuntimeError(f"{out / file}: holds {found} samples, the plan says {len(rows)}")
+        entries.append(ShardEntry(file, found))
+    index = SplitIndex(entries)
+    if index.samples != len(items):
+        raise RuntimeError(f"{name}/{split}: shards hold {index.samples} samples, found {len(items)}")
+    log.info("%s/%s: checked %d samples in %d shards", name, split, len(items), len(entries))
+    return index
+
+
 def shard_folder(
     root: Path,
     out: Path,
@@ -173,30 +201,8 @@ def shard_folder(
         "per_shard": per_shard,
     })
     claim_folder(out, manifest, name, force)
-    index_splits = {}
-    for split, items in listed.items():
-        ranges = plan_shards(len(items), per_shard)
-        jobs = []
-        for number, rows in enumerate(ranges):
-            path = out / shard_name(name, split, number)
-            if not path.is_file():
-                jobs.append((path, items[rows.start : rows.stop], rows.start, split, size, fmt, mode))
-        log.info("%s/%s: %d images, %d shards, %d to write", name, split, len(items), len(ranges), len(jobs))
-        with ProcessPoolExecutor(max(1, workers)) as pool:
-            futures = [pool.submit(_write_one, job) for job in jobs]
-            for future in tqdm(as_completed(futures), total=len(futures), desc=f"{name} {split}", unit="shard"):
-                future.result()
-        entries = []
-        for number, rows in enumerate(ranges):
-            file = shard_name(name, split, number)
-            found = count_samples(out / file)
-            if found != len(rows):
-                raise RuntimeError(f"{out / file}: holds {found} samples, the plan says {len(rows)}")
-            entries.append(ShardEntry(file, found))
-        index_splits[split] = SplitIndex(entries)
-        if index_splits[split].samples != len(items):
-            raise RuntimeError(f"{name}/{split}: shards hold {index_splits[split].samples} samples, found {len(items)}")
-        log.info("%s/%s: checked %d samples in %d shards", name, split, len(items), len(entries))
+    index_splits = {split: _write_split(out, name, split, items, per_shard, workers, (size, fmt, mode))
+                    for split, items in listed.items()}
     stored_size = 0 if fmt == "original" else size
     index = DatasetIndex(
         name, stored_size, channels, classes, index_splits, fmt=fmt, root=out, provenance=manifest.to_json()

@@ -30,6 +30,8 @@ from urllib.parse import urljoin, urlparse
 import numpy as np
 from PIL import Image
 
+from nativetok.io import atomic_open
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
@@ -65,24 +67,16 @@ def write_shard(path: Path, samples: Iterable[Dict[str, bytes]]) -> int:
     import webdataset as wds
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
     try:
-        with open(tmp, "wb") as stream:
+        with atomic_open(path) as stream:
             writer = wds.TarWriter(stream, encoder=False, mtime=SHARD_MTIME)
             for sample in samples:
                 writer.write(sample)
                 count += 1
             writer.close()
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise OSError(error.errno, f"could not write shard {path}: {error.strerror or error}") from error
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return count
 
 
@@ -236,9 +230,8 @@ def _read_remote_json(url: str) -> dict:
 
 def write_json(path: Path, body: dict) -> Path:
     """Write JSON under `path` atomically: readers see the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as file:
+        file.write(json.dumps(body, indent=1) + "\n")
     return path
 
 

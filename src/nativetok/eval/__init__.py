@@ -1,1 +1,2 @@
-"""Evaluation: plots of per-position quantities (and, with issue 5, FID/KID/IS and token metrics)."""
+"""Evaluation: measurements of trained models (FID/KID/IS, reference statistics, token metrics, prefix
+curves, seed statistics) and plots; it trains nothing (training and measuring together: pipelines/)."""

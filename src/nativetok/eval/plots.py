@@ -1,32 +1,8 @@
-"""Small matplotlib plots (headless) of quantities per token position."""
+"""Small matplotlib plots (headless) of quantities per token position: drawn without pyplot in
+`nativetok.lit.figures` (training logs them too, and evaluation may import training, not the reverse)."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from nativetok.lit.figures import position_curves
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-
-def position_curves(curves: Dict[str, Sequence[float]], ylabel: str, title: str = "",
-                    positions: Optional[Sequence[int]] = None, xlabel: str = "token position") -> Figure:
-    """One line per named curve over token positions 1..K (or the given positions, on a log2 axis)."""
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for label, values in curves.items():
-        xs = list(positions) if positions is not None else range(1, len(values) + 1)
-        axis.plot(xs, list(values), marker="o", markersize=3, label=label)
-    if positions is not None:
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(list(positions), [str(k) for k in positions])
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    if title:
-        axis.set_title(title)
-    axis.grid(alpha=0.3)
-    if len(curves) > 1:
-        axis.legend()
-    figure.tight_layout()
-    return figure
+__all__ = ["position_curves"]

@@ -15,6 +15,8 @@ from typing import Any, Optional
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from nativetok.io import atomic_open
+
 log = logging.getLogger(__name__)
 
 
@@ -42,22 +44,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = staging_path(path)
         try:
-            with open(tmp, "wb") as f:
+            with atomic_open(path, staging=staging_path(path)) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
             raise CheckpointWriteError(
                 error.errno, f"could not write checkpoint {path}: {error.strerror or error}; "
                 f"the previous file at that path, if any, is untouched"
             ) from error
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
 
 def checkpoint_problem(path: Path) -> Optional[str]:

@@ -18,15 +18,17 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from nativetok import __version__
-from nativetok.config.loading import from_container
+from nativetok.config.loading import to_container
+from nativetok.config.schema import ExperimentConfig
 from nativetok.lit.ema import EMA
-from nativetok.lit.guards import StepGuard, fused_adamw
+from nativetok.lit.figures import position_curves
+from nativetok.lit.guards import StepGuard
 from nativetok.lit.loop import grad_scaler, writing_logs
 from nativetok.lit.metrics import PositionLoss
-from nativetok.lit.schedules import warmup_cosine
-from nativetok.models import build_generator, generate
+from nativetok.lit.optim import adamw_with_schedule, decay_split, step_generator
+from nativetok.models.generator import Generator
 from nativetok.models.tokenizer import NativeTokenizer
+from nativetok.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,12 @@ NO_DECAY = ("embed", "positions")
 
 
 class GeneratorModule(pl.LightningModule):
-    def __init__(self, config: dict):
+    """Training and validation around a built generator; the model itself knows its loss and sampler."""
+
+    def __init__(self, config: ExperimentConfig, generator: Generator):
         super().__init__()
-        self.save_hyperparameters({"config": config})
-        self.cfg = c = from_container(config)
-        self.generator = build_generator(c.generator, c.data.num_classes)
+        self.cfg = c = config
+        self.generator = generator
         self.ema = EMA(self.generator, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
         self._stepped = False  # an optimizer step happened in the current batch
         self.val_positions = PositionLoss(c.generator.num_tokens)
@@ -53,7 +56,7 @@ class GeneratorModule(pl.LightningModule):
             self.generator.compile()
 
     @property
-    def eval_generator(self):
+    def eval_generator(self) -> Generator:
         return self.ema.shadow if self.ema is not None else self.generator
 
     @property
@@ -88,40 +91,24 @@ class GeneratorModule(pl.LightningModule):
             )
 
     def _generator_for_step(self, batch_idx: int) -> torch.Generator:
-        """Label dropout and masks drawn from (seed, step, micro-batch, rank): a resumed run draws what an
+        """Label dropout and masks drawn from (seed, step, rank, micro-batch): a resumed run draws what an
         unbroken one would, and the batches accumulated into one step draw different patterns."""
         micro = batch_idx % self.trainer.accumulate_grad_batches
-        seed = ((self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank) * 64 + micro
-        return torch.Generator(device=self.device).manual_seed(seed)
-
-    def _loss(self, model, tokens: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        if self.cfg.generator.kind == "maskgit":
-            return model.loss(tokens, labels, generator)
-        return model.loss(tokens, labels)
+        return step_generator(self.cfg.seed, self.global_step, self.global_rank, self.device, micro)
 
     # -- optimization -----------------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.cfg.optim
-        decay, no_decay = [], []
-        for name, p in self.generator.named_parameters():
-            (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
-        lr = o.lr * (self.cfg.data.batch_size / o.base_batch_size if o.base_batch_size else 1.0)
-        optimizer = fused_adamw(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            self.device, lr=lr, betas=tuple(o.betas),
+        optimizer, schedule = adamw_with_schedule(
+            decay_split(self.generator.named_parameters(), NO_DECAY), self.cfg, self.device
         )
-        total = self.cfg.trainer.max_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
-        )
-        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+        return [optimizer], [schedule]
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         """No host sync: a non-finite loss is skipped on the device (`on_before_optimizer_step`), and the
         scalars are built only on steps whose logs are written."""
         generator = self._generator_for_step(batch_idx)
         labels = self.generator.drop_labels(batch["label"], generator)
-        loss, _ = self._loss(self.generator, batch["tokens"], labels, generator)
+        loss, _ = self.generator.loss(batch["tokens"], labels, generator)
         self._step_loss = loss.detach()
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         if writing_logs(self.trainer):
@@ -154,7 +141,7 @@ class GeneratorModule(pl.LightningModule):
     def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
         tokens = batch["tokens"]
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + batch_idx)  # same masks each time
-        loss, per_position = self._loss(self.eval_generator, tokens, batch["label"], generator)
+        loss, per_position = self.eval_generator.loss(tokens, batch["label"], generator)
         self.val_positions.update(per_position, tokens.shape[0])
         size = tokens.shape[0]
         self.log("val/loss", loss, sync_dist=True, batch_size=size, prog_bar=True)
@@ -169,8 +156,6 @@ class GeneratorModule(pl.LightningModule):
         self.log("step", float(self.global_step), sync_dist=True)
         experiment = getattr(self.logger, "experiment", None)
         if self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
-            from nativetok.eval.plots import position_curves
-
             figure = position_curves({"validation": bits.tolist()}, "bits per token", "loss at each position")
             experiment.add_figure("val/bits_per_position", figure, self.global_step)
 
@@ -180,11 +165,13 @@ class GeneratorModule(pl.LightningModule):
         model = self.eval_generator
         was_training = model.training
         model.eval()
-        ids = generate(model, labels.to(self.device), self.cfg.sampling, seed)
+        ids = model.sample(labels.to(self.device), self.cfg.sampling, seed)
         model.train(was_training)
         return self.tokenizer.decode(ids)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The config as a plain container (what loading a checkpoint reads), the kind and the tokenizer pin."""
+        checkpoint["hyper_parameters"] = {"config": to_container(self.cfg)}
         checkpoint["nativetok"] = {"kind": "generator", "version": __version__}
         if self.tokenizer_pin is not None:
             checkpoint["nativetok"]["tokenizer"] = self.tokenizer_pin

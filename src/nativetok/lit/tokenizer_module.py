@@ -1,6 +1,8 @@
 """`TokenizerModule`: stage-1 training of a NativeTokenizer (autoencoder + optional PatchGAN) in Lightning.
 
-Manual optimization (the Lightning 2 GAN pattern): one autoencoder step per batch, which is what
+The models and the loss come built (`build_tokenizer`, `TokenizerLoss`); this module holds only what is
+Lightning's: optimizers, manual optimization, non-finite guards, EMA, growth stages, logging and validation
+metrics. Manual optimization (the Lightning 2 GAN pattern): one autoencoder step per batch, which is what
 `global_step` counts, and a discriminator step that goes through the strategy (precision plugin
 included) without counting as a step of its own. Hierarchical Native Training changes which parameters
 train; `enter_growth_stage` applies a stage and retargets the optimizer in place, so parameters that
@@ -17,51 +19,42 @@ import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from nativetok import __version__
-from nativetok.config.loading import from_container
-from nativetok.config.schema import GrowthStage
+from nativetok.config.loading import to_container
+from nativetok.config.schema import ExperimentConfig, GrowthStage
 from nativetok.lit.callbacks import prefix_lengths
 from nativetok.lit.ema import EMA
 from nativetok.lit.guards import StepGuard, fused_adamw
 from nativetok.lit.loop import grad_scaler, writing_logs
 from nativetok.lit.metrics import CodeUsage
-from nativetok.lit.schedules import warmup_cosine
-from nativetok.losses import LeCam, adaptive_weight, discriminator_hinge_loss, generator_loss, load_lpips, pixel_loss
-from nativetok.models.discriminator import PatchDiscriminator
+from nativetok.lit.optim import adamw_with_schedule, decay_split, step_generator
+from nativetok.losses.tokenizer_loss import TokenizerLoss
 from nativetok.models.graphs import EncoderGraph, encoder_key
 from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import code_statistics
 from nativetok.models.tokenizer import NativeTokenizer, TokenizerOutput
+from nativetok.version import __version__
 
 log = logging.getLogger(__name__)
 
 # Parameters that are positions, queries or codes: no weight decay.
 NO_DECAY = ("positions", "query", "missing", "mask_token", "codebook", "latents.tokens")
+# State-dict prefixes of checkpoints written before the discriminator and LeCam moved into `loss`.
+MOVED_INTO_LOSS = ("discriminator.", "lecam.")
+
+
+def migrate_state_dict(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """An older checkpoint's state dict under today's keys (`discriminator.*` -> `loss.discriminator.*`,
+    likewise LeCam); key order and every other key kept."""
+    return {("loss." + k if k.startswith(MOVED_INTO_LOSS) else k): v for k, v in state.items()}
 
 
 class TokenizerModule(pl.LightningModule):
-    def __init__(self, config: dict):
+    def __init__(self, config: ExperimentConfig, tokenizer: NativeTokenizer, loss: TokenizerLoss):
         super().__init__()
-        self.save_hyperparameters({"config": config})
-        self.cfg = c = from_container(config)
+        self.cfg = c = config
         self.automatic_optimization = False
-        self.tokenizer = NativeTokenizer(c.tokenizer, c.data.image_size, c.data.channels)
-        loss = c.loss
-        self.discriminator = (
-            PatchDiscriminator(c.data.channels, loss.discriminator.channels, loss.discriminator.layers)
-            if loss.disc_weight > 0
-            else None
-        )
-        self.lecam = LeCam() if self.discriminator is not None and loss.lecam_weight > 0 else None
-        # LPIPS is a fixed metric: kept out of the state dict (and checkpoints) on purpose.
-        self._perceptual: List[torch.nn.Module] = []
-        if loss.perceptual_weight > 0:
-            self._perceptual.append(load_lpips(loss.perceptual.vgg_weights, loss.perceptual.lin_weights))
-        else:
-            log.info(
-                "perceptual loss off (loss.perceptual_weight=0): LPIPS needs torchvision's VGG16 weights, "
-                "fetched once by hand (data/README.md); set loss.perceptual.vgg_weights to use it"
-            )
+        self.tokenizer = tokenizer
+        self.loss = loss
         self.ema = EMA(self.tokenizer, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -90,26 +83,10 @@ class TokenizerModule(pl.LightningModule):
             self.tokenizer.mit.compile()
             self.tokenizer.decoder.compile()
 
-    # -- helpers -------------------------------------------------------------------------------------
     @property
     def eval_tokenizer(self) -> NativeTokenizer:
         """The weights evaluation uses: the moving average when there is one."""
         return self.ema.shadow if self.ema is not None else self.tokenizer
-
-    def scaled_lr(self) -> float:
-        o = self.cfg.optim
-        return o.lr * (self.cfg.data.batch_size / o.base_batch_size if o.base_batch_size else 1.0)
-
-    def _autoencoder_groups(self) -> List[List[torch.nn.Parameter]]:
-        decay, no_decay = [], []
-        for name, p in self.tokenizer.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
-        return [decay, no_decay]
-
-    def _perceptual_loss(self, reconstruction: Tensor, target: Tensor) -> Tensor:
-        lpips = self._perceptual[0].to(reconstruction.device)
-        return lpips(reconstruction, target)
 
     def _prefix_lengths(self, batch: int) -> Optional[Tensor]:
         """Per sample, all active tokens, or with probability random_prefix a uniform prefix length.
@@ -120,29 +97,24 @@ class TokenizerModule(pl.LightningModule):
         if p <= 0:
             return None
         active = self.tokenizer.num_active
-        seed = (self.cfg.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        generator = step_generator(self.cfg.seed, self.global_step, self.global_rank, self.device)
         lengths = torch.randint(1, active + 1, (batch,), device=self.device, generator=generator)
         use_prefix = torch.rand(batch, device=self.device, generator=generator) < p
         return torch.where(use_prefix, lengths, torch.full_like(lengths, active))
 
     # -- optimizers ------------------------------------------------------------------------------------
+    def _autoencoder_groups(self):
+        """The tokenizer's trainable parameters, with and without weight decay."""
+        return decay_split(self.tokenizer.named_parameters(), NO_DECAY)
+
     def configure_optimizers(self):
-        o = self.cfg.optim
-        decay, no_decay = self._autoencoder_groups()
-        autoencoder = fused_adamw(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            self.device, lr=self.scaled_lr(), betas=tuple(o.betas),
-        )
-        total = self.cfg.trainer.max_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            autoencoder, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
-        )
+        autoencoder, schedule = adamw_with_schedule(self._autoencoder_groups(), self.cfg, self.device)
         optimizers = [autoencoder]
-        if self.discriminator is not None:
-            discriminator = self.discriminator.parameters()
-            optimizers.append(fused_adamw(discriminator, self.device, lr=o.disc_lr, betas=(0.5, 0.9), weight_decay=0.0))
-        return optimizers, [{"scheduler": schedule, "interval": "step"}]
+        if self.loss.discriminator is not None:
+            discriminator = self.loss.discriminator.parameters()
+            lr = self.cfg.optim.disc_lr
+            optimizers.append(fused_adamw(discriminator, self.device, lr=lr, betas=(0.5, 0.9), weight_decay=0.0))
+        return optimizers, [schedule]
 
     def retarget_optimizer(self) -> None:
         """Make the autoencoder optimizer hold exactly the trainable parameters (state kept for those that stay)."""
@@ -203,50 +175,29 @@ class TokenizerModule(pl.LightningModule):
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         """One autoencoder step (and a discriminator step once the GAN is on), with no host sync:
         non-finite steps are skipped on the device (`StepGuard`), and logs are built only when written."""
-        c = self.cfg
         optimizers = self.optimizers()
         autoencoder, discriminator = optimizers if isinstance(optimizers, list) else (optimizers, None)
         step = self.global_step
         images = batch["image"]
-        target = images * 2 - 1
-        gan = self.discriminator is not None and step >= c.loss.disc_start
-        logs: Dict[str, Tensor] = {}
-
+        cache = self.prefix_cache if self.caching else None
         with self.toggled_optimizer(autoencoder):  # the discriminator's weights take no gradient here
-            cache = self.prefix_cache if self.caching else None
             out = self._forward(images, cache, batch.get("view"))
-            rec = pixel_loss(out.reconstruction, target, c.loss.pixel)
-            nll = c.loss.pixel_weight * rec
-            if self._perceptual:
-                perceptual = self._perceptual_loss(out.reconstruction, target)
-                nll = nll + c.loss.perceptual_weight * perceptual
-                logs["train/perceptual_loss"] = perceptual.detach()
-            loss = nll + c.loss.quantizer_weight * out.quantizer_loss
-            if gan:
-                g_loss = generator_loss(self.discriminator(out.reconstruction))
-                last = self.tokenizer.decoder.last_layer
-                weight = (
-                    adaptive_weight(nll, g_loss, last)
-                    if c.loss.disc_adaptive and last.requires_grad
-                    else torch.ones((), device=self.device)
-                )
-                loss = loss + c.loss.disc_weight * weight * g_loss
-                logs.update({"train/g_loss": g_loss.detach(), "train/adaptive_weight": weight})
+            loss, logs = self.loss.autoencoder_loss(images, out, self.tokenizer.decoder.last_layer, step)
             autoencoder.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             grad_norm = self.loss_guard.before_step(
-                autoencoder.optimizer, loss, c.optim.grad_clip, grad_scaler(self.trainer), step
+                autoencoder.optimizer, loss, self.cfg.optim.grad_clip, grad_scaler(self.trainer), step
             )
             autoencoder.step()
         self.lr_schedulers().step()
         if self.ema is not None:
             self.ema.update(self.tokenizer)
-        if gan:
-            logs.update(self._discriminator_step(discriminator, target, out.reconstruction.detach()))
-        self._maintain_codebook(out.ids, out.vectors, step)
+        if self.loss.gan_active(step):
+            logs.update(self._discriminator_step(discriminator, images, out))
+        self._maintain_codebook(out, step)
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         if writing_logs(self.trainer):
-            self._log_step(logs, loss, rec, out, grad_norm, autoencoder, cache)
+            self._log_step(logs, out, grad_norm, autoencoder, cache)
         return loss.detach()
 
     def _forward(self, images: Tensor, cache: Optional[FrozenPrefixCache], views) -> TokenizerOutput:
@@ -260,13 +211,10 @@ class TokenizerModule(pl.LightningModule):
             log.info("encoder captured as CUDA graphs (%d experts active)", self.tokenizer.num_active)
         return self.tokenizer(images, lengths, encoder=self.encoder_graph)
 
-    def _log_step(self, logs, loss, rec, out, grad_norm, autoencoder, cache) -> None:
+    def _log_step(self, logs, out, grad_norm, autoencoder, cache) -> None:
         """The step's scalars, built only on steps whose logs are written (each costs a device read there)."""
         stats = code_statistics(out.ids, self.cfg.tokenizer.quantizer.codebook_size)
         logs.update({
-            "train/loss": loss.detach(),
-            "train/rec_loss": rec.detach(),
-            "train/quantizer_loss": out.quantizer_loss.detach(),
             "train/grad_norm": grad_norm,
             "train/codebook_usage": stats["usage"],
             "train/perplexity": stats["perplexity"],
@@ -275,7 +223,7 @@ class TokenizerModule(pl.LightningModule):
             "growth/experts": float(self.tokenizer.num_active),
             "growth/stage": float(self.growth_stage),
         })
-        if self.discriminator is not None:
+        if self.loss.discriminator is not None:
             logs["train/d_nonfinite_steps"] = float(self.disc_guard.check())
         if self.restarted is not None:
             logs["train/restarted_codes"] = self.restarted.float()
@@ -287,45 +235,34 @@ class TokenizerModule(pl.LightningModule):
         self.loss_guard.check()
         self.disc_guard.check()
 
-    def _discriminator_step(self, optimizer, real: Tensor, fake: Tensor) -> Dict[str, Tensor]:
+    def _discriminator_step(self, optimizer, images: Tensor, out: TokenizerOutput) -> Dict[str, Tensor]:
         with self.toggled_optimizer(optimizer):
-            real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
-            d_loss = discriminator_hinge_loss(real_logits, fake_logits)
-            if self.lecam is not None:
-                d_loss = d_loss + self.cfg.loss.lecam_weight * self.lecam(real_logits, fake_logits)
+            d_loss, logs = self.loss.discriminator_loss(images, out)
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             self.disc_guard.before_step(optimizer.optimizer, d_loss, 0.0, grad_scaler(self.trainer), self.global_step)
             # Through the strategy, not LightningOptimizer.step: a discriminator update is not a training step.
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
-        return {
-            "train/d_loss": d_loss.detach(),
-            "train/logits_real": real_logits.detach().mean(),
-            "train/logits_fake": fake_logits.detach().mean(),
-        }
+        return logs
 
-    def _maintain_codebook(self, ids: Tensor, vectors: Tensor, step: int) -> None:
-        """Dead-code restart, decided on the device every after/4 steps (and at step 0: the data-dependent
-        initialisation of the codebook); all ranks see the same gathered codes and draw the same picks."""
+    def _maintain_codebook(self, out: TokenizerOutput, step: int) -> None:
+        """Dead-code restart (`VectorQuantizer.maintain`) over the codes of every rank; vetoed on steps
+        whose update was skipped as non-finite."""
+        finite = None if self.loss_guard.skipped is None else self.loss_guard.skipped == 0
         after = self.cfg.tokenizer.quantizer.restart_dead_after
-        quantizer = self.tokenizer.quantizer
-        if after <= 0 or not quantizer.codebook.requires_grad:
-            return
-        quantizer.note_usage(self.all_gather(ids).flatten(), step)
-        if step % max(1, after // 4) == 0:
-            candidates = self.all_gather(vectors.detach()).reshape(-1, vectors.shape[-1])
-            generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + step)
-            finite = None if self.loss_guard.skipped is None else self.loss_guard.skipped == 0
-            self.restarted = quantizer.restart_dead(candidates, step, after, generator, allowed=finite)
+        restarted = self.tokenizer.quantizer.maintain(
+            out.ids, out.vectors, step, after, self.cfg.seed, self.all_gather, allowed=finite
+        )
+        if restarted is not None:
+            self.restarted = restarted
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
         images = batch["image"]
         tokenizer = self.eval_tokenizer
         out = tokenizer(images)
-        rec = pixel_loss(out.reconstruction, images * 2 - 1, self.cfg.loss.pixel)
-        loss = self.cfg.loss.pixel_weight * rec + self.cfg.loss.quantizer_weight * out.quantizer_loss
-        reconstruction = ((out.reconstruction + 1) / 2).clamp(0, 1)
+        loss, rec = self.loss.validation_loss(images, out)
+        reconstruction = out.reconstruction.clamp(0, 1)
         self.val_psnr(reconstruction, images)
         self.val_ssim(reconstruction, images)
         self.val_codes(out.ids)
@@ -352,7 +289,13 @@ class TokenizerModule(pl.LightningModule):
         self.log("step", float(self.global_step), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The config as `hyper_parameters["config"]` (what loaders rebuild the models from) and the kind."""
+        checkpoint["hyper_parameters"] = {"config": to_container(self.cfg)}
         checkpoint["nativetok"] = {"kind": "tokenizer", "version": __version__}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume checkpoints written before the discriminator and LeCam moved into `loss`."""
+        checkpoint["state_dict"] = migrate_state_dict(checkpoint["state_dict"])
 
 
 def _summarise(names: List[str]) -> str:

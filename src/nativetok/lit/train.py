@@ -13,7 +13,7 @@ import hashlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -24,12 +24,16 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.profilers import AdvancedProfiler, Profiler, SimpleProfiler
 from pytorch_lightning.strategies import DDPStrategy
 
-from nativetok.config.loading import ConfigError, to_container, to_yaml
+from nativetok.config.loading import ConfigError, to_yaml
 from nativetok.config.schema import ExperimentConfig
 from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, remove_staged_leftovers
 from nativetok.lit.console import progress
 from nativetok.lit.preemption import LAST, PREVIOUS, LastCheckpoint
 from nativetok.lit.run_folder import RunLock, refuse_changed_config
+
+if TYPE_CHECKING:
+    from nativetok.lit.generator_module import GeneratorModule
+    from nativetok.lit.tokenizer_module import TokenizerModule
 
 log = logging.getLogger(__name__)
 
@@ -205,47 +209,72 @@ def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks
     return trainer, resume
 
 
-def train_tokenizer(config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> Path:
-    """Stage 1 on the configured image shards; returns the run folder."""
+def tokenizer_module(config: ExperimentConfig) -> "TokenizerModule":
+    """Stage 1's LightningModule around a tokenizer and its loss, built from the config once."""
+    from nativetok.lit.tokenizer_module import TokenizerModule
+    from nativetok.losses import TokenizerLoss
+    from nativetok.models import build_tokenizer
+
+    d = config.data
+    return TokenizerModule(config, build_tokenizer(config.tokenizer, d.image_size, d.channels),
+                           TokenizerLoss(config.loss, d.channels))
+
+
+def generator_module(config: ExperimentConfig) -> "GeneratorModule":
+    """Stage 2's LightningModule around a generator of `generator.kind`, built from the config once."""
+    from nativetok.lit.generator_module import GeneratorModule
+    from nativetok.models import build_generator
+
+    return GeneratorModule(config, build_generator(config.generator, config.data.num_classes))
+
+
+def _warn_late_stages(config: ExperimentConfig) -> None:
+    late = [s for s in config.growth.stages if s.step >= config.trainer.max_steps]
+    if late:
+        log.warning(
+            "growth stages beginning at steps %s come after trainer.max_steps=%d: training ends with %d experts",
+            [s.step for s in late], config.trainer.max_steps,
+            max(s.experts for s in config.growth.stages if s.step < config.trainer.max_steps),
+        )
+
+
+def train_tokenizer(
+    config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback] = ()
+) -> Tuple[pl.Trainer, "TokenizerModule"]:
+    """Stage 1 on the configured image shards, into `run.dir`; returns the trainer and the trained module."""
     from nativetok.data import ImageShardsDataModule
     from nativetok.lit.callbacks import ExpertGrowth, ReconstructionGrid
-    from nativetok.lit.tokenizer_module import TokenizerModule
 
     pl.seed_everything(config.seed, workers=True)
     run_dir = Path(config.run.dir)
-    module = TokenizerModule(to_container(config))
+    module = tokenizer_module(config)
     callbacks: List[pl.Callback] = [
         ReconstructionGrid(config.trainer.images_every_n_steps, run_dir / "reconstructions.png"), *extra_callbacks
     ]
     if config.growth.stages:
         callbacks.append(ExpertGrowth(config.growth.stages))
-        late = [s for s in config.growth.stages if s.step >= config.trainer.max_steps]
-        if late:
-            log.warning(
-                "growth stages beginning at steps %s come after trainer.max_steps=%d: training ends with %d experts",
-                [s.step for s in late], config.trainer.max_steps,
-                max(s.experts for s in config.growth.stages if s.step < config.trainer.max_steps),
-            )
+        _warn_late_stages(config)
     trainer, resume = _prepare_run(config, module, callbacks)
     if trainer.is_global_zero:
         sizes = ", ".join(f"{k} {v:,}" for k, v in module.tokenizer.parameter_counts().items())
         log.info("tokenizer '%s': %s parameters", config.tokenizer.kind, sizes)
     trainer.fit(module, datamodule=ImageShardsDataModule(config.data, seed=config.seed), ckpt_path=resume)
-    return run_dir
+    return trainer, module
 
 
-def train_generator(config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> Path:
-    """Stage 2 on the configured token shards; returns the run folder."""
+def train_generator(
+    config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback] = ()
+) -> Tuple[pl.Trainer, "GeneratorModule"]:
+    """Stage 2 on the configured token shards, into `run.dir`; returns the trainer and the trained module."""
     from nativetok.data import TokenShardsDataModule
     from nativetok.lit.callbacks import SampleGrid
-    from nativetok.lit.generator_module import GeneratorModule
 
     pl.seed_everything(config.seed, workers=True)
     run_dir = Path(config.run.dir)
     g = config.generator
     datamodule = TokenShardsDataModule(config.data, g.codebook_size, g.num_tokens, seed=config.seed)
     datamodule.check_index()
-    module = GeneratorModule(to_container(config))
+    module = generator_module(config)
     _ = module.tokenizer  # refuses a tokenizer that does not match, before any training
     grid = SampleGrid(config.trainer.images_every_n_steps, run_dir / "samples.png", config.sampling.grid_per_class)
     trainer, resume = _prepare_run(config, module, [grid, *extra_callbacks])
@@ -253,4 +282,4 @@ def train_generator(config: ExperimentConfig, extra_callbacks: Sequence[pl.Callb
         count = sum(p.numel() for p in module.generator.parameters())
         log.info("generator '%s': %s parameters", g.kind, f"{count:,}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    return run_dir
+    return trainer, module

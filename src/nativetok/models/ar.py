@@ -1,6 +1,6 @@
 """Autoregressive class-conditional generator over token sequences (LlamaGen-style).
 
-RMSNorm, rotary positions, SwiGLU MLPs (the shared transformer block), a class embedding as the first
+RMSNorm, rotary positions, SwiGLU MLPs (the shared trunk of `generator.py`), a class embedding as the first
 position with a null class for classifier-free guidance. Sampling decodes one position per step with a static
 KV cache: every step has the same shapes and reads its position from a device tensor, so on CUDA one recorded
 CUDA graph replays every step (or torch.compile compiles the step once). The conditional and unconditional
@@ -12,43 +12,24 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from nativetok.config.schema import GuidanceSchedule
+from nativetok.models.generator import Generator
 from nativetok.models.graphs import Compile, FixedShapeStep
-from nativetok.models.layers import Block, KVCache, RMSNorm, Rotary, init_weights
-from nativetok.models.sampling import ClassConditional, draw, guidance_scale, guide, step_key
+from nativetok.models.layers import KVCache, Rotary
+from nativetok.models.sampling import draw, guidance_scale, guide, step_key
 
 
-class ARGenerator(ClassConditional):
-    def __init__(
-        self,
-        codebook_size: int,
-        num_tokens: int,
-        num_classes: int,
-        width: int,
-        depth: int,
-        heads: int,
-        mlp_ratio: float = 4.0,
-        class_dropout: float = 0.1,
-    ):
-        super().__init__(codebook_size, num_tokens, num_classes, width, class_dropout)
-        self.heads = heads
-        self.token_embed = nn.Embedding(codebook_size, width)
-        self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, norm="rms", mlp="swiglu", bias=False) for _ in range(depth)
-        )
-        self.rotary = Rotary(width // heads, num_tokens)
-        self.norm = RMSNorm(width)
-        self.head = nn.Linear(width, codebook_size, bias=False)
-        init_weights(self)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.class_embed.weight, std=0.02)
+class ARGenerator(Generator, kind="ar"):
+    sampling_fields = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
+
+    def add_positions(self) -> None:
+        """Rotary tables (buffers that checkpoints do not hold)."""
+        self.rotary = Rotary(self.width // self.heads, self.num_tokens)
 
     def _run(self, x: Tensor, **attention) -> Tensor:
-        for layer, block in enumerate(self.blocks):
-            x = block(x, layer=layer, **attention)
-        return self.head(self.norm(x))
+        return self.logits(self.run_blocks(x, **attention))
 
     def _causal(self, x: Tensor) -> Tensor:
         """Logits at every position of the embedded sequence x [B, T, W] (positions 0..T-1)."""
@@ -58,11 +39,12 @@ class ARGenerator(ClassConditional):
         """Teacher forcing: logits [B, K, V] where position i predicts token i from the class and tokens < i."""
         return self._causal(torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens[:, :-1])], dim=1))
 
-    def loss(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy (nats per token) and its value at each position [K]."""
-        logits = self(tokens, labels)
-        per_token = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")
-        per_position = per_token.view(tokens.shape).mean(0)
+    def loss(
+        self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
+    ) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy (nats per token) and its value at each position [K]; draws nothing (`generator` is
+        accepted for the shared interface)."""
+        per_position = self.token_losses(self(tokens, labels), tokens).mean(0)
         return per_position.mean(), per_position
 
     def decode_step(self, x: Tensor, cache: KVCache) -> Tensor:
@@ -81,38 +63,32 @@ class ARGenerator(ClassConditional):
         key = step_key(rows.device, len(rows), graph, compile)
 
         def build() -> tuple[FixedShapeStep, KVCache]:
-            width = self.token_embed.embedding_dim
-            cache = KVCache.allocate(len(self.blocks), len(rows), self.heads, self.num_tokens, width // self.heads,
-                                     rows.device, key.autocast or self.token_embed.weight.dtype)
+            cache = KVCache.allocate(len(self.blocks), len(rows), self.heads, self.num_tokens,
+                                     self.width // self.heads, rows.device,
+                                     key.autocast or self.token_embed.weight.dtype)
             example = self.class_embed(rows)[:, None]
             step = FixedShapeStep(self.decode_step, [example], graph=key.graph, compile=compile, state=(cache,))
             return step, cache
 
         return self.sampling_step(key, build)
 
-    @torch.no_grad()
-    def sample(
+    def sample_tokens(
         self,
         labels: Tensor,
+        *,
+        seed: int,
+        graph: Optional[bool],
+        compile: Compile,
         cfg_scale: float = 1.0,
-        cfg_schedule: str = "constant",
+        cfg_schedule: GuidanceSchedule = "constant",
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        seed: int = 0,
         use_cache: bool = True,
-        graph: Optional[bool] = None,
-        compile: Compile = False,
     ) -> Tensor:
-        """Token ids [B, K] for class `labels` [B]; the same seed gives the same tokens.
-
-        `use_cache=False` recomputes the whole prefix at every step (the reference the KV cache must match).
-        `graph` replays the decode step from a CUDA graph (None: on CUDA); `compile` compiles it (True, or
-        torch.compile options such as {"backend": "aot_eager"}). A graph replays the eager kernels and gives
-        the same tokens; so does compiled code that keeps eager's rounding (aot_eager; inductor may fuse).
-        """
-        rows, guided = self.sampling_rows(labels, cfg_scale, cfg_schedule)
-        generator = torch.Generator(device=labels.device).manual_seed(seed)
+        """One position per step. `use_cache=False` recomputes the whole prefix at every step (the reference the
+        KV cache must match); `graph` and `compile` apply to the cached decode step."""
+        rows, guided, generator = self.sampling_start(labels, cfg_scale, cfg_schedule, seed)
         if use_cache:
             step, cache = self._decoder(rows, graph, compile)
         x = prefix = self.class_embed(rows)[:, None]

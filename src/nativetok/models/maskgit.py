@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from nativetok.config.schema import MASK_SCHEDULES, GeneratorConfig, GuidanceSchedule, MaskSchedule
+from nativetok.models.generator import Generator
 from nativetok.models.graphs import Compile, FixedShapeStep
-from nativetok.models.layers import Block, RMSNorm, init_weights, learned_positions
-from nativetok.models.sampling import ClassConditional, draw, guidance_scale, guide, step_key
-
-MASK_SCHEDULES = ("cosine", "arccos", "linear")
+from nativetok.models.layers import learned_positions
+from nativetok.models.sampling import draw, guidance_scale, guide, step_key
 
 
-def mask_ratio(progress: Tensor | float, schedule: str) -> Tensor:
+def mask_ratio(progress: Tensor | float, schedule: MaskSchedule) -> Tensor:
     """Fraction of tokens masked at `progress` in [0, 1]: 1 at 0, 0 at 1."""
     p = torch.as_tensor(progress, dtype=torch.float32)
     if schedule == "cosine":
@@ -35,7 +35,7 @@ def mask_ratio(progress: Tensor | float, schedule: str) -> Tensor:
     raise ValueError(f"unknown mask schedule '{schedule}': use {', '.join(MASK_SCHEDULES)}")
 
 
-def masked_after_step(num_tokens: int, steps: int, schedule: str) -> List[int]:
+def masked_after_step(num_tokens: int, steps: int, schedule: MaskSchedule) -> List[int]:
     """Tokens left masked after each sampling step: the schedule, forced to unmask at least one a step."""
     counts, previous = [], num_tokens
     for t in range(steps):
@@ -47,12 +47,15 @@ def masked_after_step(num_tokens: int, steps: int, schedule: str) -> List[int]:
 
 
 @functools.lru_cache(maxsize=64)
-def cached_schedule(num_tokens: int, steps: int, schedule: str) -> tuple[int, ...]:
+def cached_schedule(num_tokens: int, steps: int, schedule: MaskSchedule) -> tuple[int, ...]:
     """`masked_after_step`, computed once per setting: its float32 arithmetic runs in torch on the host."""
     return tuple(masked_after_step(num_tokens, steps, schedule))
 
 
-class MaskGITGenerator(ClassConditional):
+class MaskGITGenerator(Generator, kind="maskgit"):
+    extra_ids = 1  # the last token id is [MASK]
+    sampling_fields = ("steps", "cfg_scale", "cfg_schedule", "temperature", "choice_temperature")
+
     def __init__(
         self,
         codebook_size: int,
@@ -63,21 +66,19 @@ class MaskGITGenerator(ClassConditional):
         heads: int,
         mlp_ratio: float = 4.0,
         class_dropout: float = 0.1,
-        schedule: str = "cosine",
+        schedule: MaskSchedule = "cosine",
     ):
-        super().__init__(codebook_size, num_tokens, num_classes, width, class_dropout)
         mask_ratio(0.5, schedule)  # fail early on an unknown schedule
+        super().__init__(codebook_size, num_tokens, num_classes, width, depth, heads, mlp_ratio, class_dropout)
         self.schedule = schedule
-        self.token_embed = nn.Embedding(codebook_size + 1, width)  # the last id is [MASK]
-        self.positions = learned_positions(1, num_tokens + 1, width)
-        self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, norm="rms", mlp="swiglu", bias=False) for _ in range(depth)
-        )
-        self.norm = RMSNorm(width)
-        self.head = nn.Linear(width, codebook_size, bias=False)
-        init_weights(self)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.class_embed.weight, std=0.02)
+
+    @classmethod
+    def config_options(cls, config: GeneratorConfig) -> Dict[str, Any]:
+        return {"schedule": config.mask_schedule}
+
+    def add_positions(self) -> None:
+        """Learned positions for the class and the tokens."""
+        self.positions = learned_positions(1, self.num_tokens + 1, self.width)
 
     @property
     def mask_id(self) -> int:
@@ -86,9 +87,7 @@ class MaskGITGenerator(ClassConditional):
     def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
         """tokens [B, K] with mask ids where unknown -> logits [B, K, V] for every position."""
         x = torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens)], dim=1) + self.positions
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x[:, 1:]))
+        return self.logits(self.run_blocks(x)[:, 1:])
 
     def random_mask(self, tokens: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """A mask [B, K] (True: hidden) with ceil(K * schedule(u)) positions per row, u ~ U(0, 1)."""
@@ -104,8 +103,7 @@ class MaskGITGenerator(ClassConditional):
     ) -> tuple[Tensor, Tensor]:
         """Cross-entropy on the masked tokens (nats), overall and at each position [K]."""
         mask = self.random_mask(tokens, generator)
-        logits = self(tokens.masked_fill(mask, self.mask_id), labels)
-        per_token = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view(tokens.shape)
+        per_token = self.token_losses(self(tokens.masked_fill(mask, self.mask_id), labels), tokens)
         masked = mask.float()
         per_position = (per_token * masked).sum(0) / masked.sum(0).clamp_min(1)
         return (per_token * masked).sum() / masked.sum(), per_position
@@ -121,30 +119,27 @@ class MaskGITGenerator(ClassConditional):
 
         return self.sampling_step(key, build)
 
-    @torch.no_grad()
-    def sample(
+    def sample_tokens(
         self,
         labels: Tensor,
+        *,
+        seed: int,
+        graph: Optional[bool],
+        compile: Compile,
         steps: int = 8,
         cfg_scale: float = 1.0,
-        cfg_schedule: str = "constant",
+        cfg_schedule: GuidanceSchedule = "constant",
         temperature: float = 1.0,
         choice_temperature: float = 4.5,
-        seed: int = 0,
         return_steps: bool = False,
-        graph: Optional[bool] = None,
-        compile: Compile = False,
     ):
-        """Token ids [B, K] in `steps` parallel decoding steps (and the partly masked ids after each step).
+        """`steps` parallel decoding steps (`return_steps`: and the partly masked ids after each step).
 
         Which predictions are kept is decided by their probability plus Gumbel noise whose temperature
-        anneals linearly from `choice_temperature` to 0 over the steps. `graph` replays the forward pass from a
-        CUDA graph (None: on CUDA); `compile` compiles it (True, or torch.compile options such as
-        {"backend": "aot_eager"}). A graph replays the eager kernels and gives the same tokens; so does
-        compiled code that keeps eager's rounding (aot_eager; inductor may fuse).
+        anneals linearly from `choice_temperature` to 0 over the steps; `graph` and `compile` apply to the
+        forward pass.
         """
-        rows, guided = self.sampling_rows(labels, cfg_scale, cfg_schedule)
-        generator = torch.Generator(device=labels.device).manual_seed(seed)
+        rows, guided, generator = self.sampling_start(labels, cfg_scale, cfg_schedule, seed)
         forward = self._forward_step(rows, graph, compile)
         ids = torch.full((len(labels), self.num_tokens), self.mask_id, device=labels.device)
         history = []

@@ -7,7 +7,7 @@ Codes that go unused for a while can be moved onto recent encoder outputs (dead-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,35 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def note_usage(self, ids: Tensor, step: int) -> None:
         self.last_used.index_fill_(0, ids.flatten(), step)  # no data-dependent shapes: no host sync
+
+    @torch.no_grad()
+    def maintain(
+        self,
+        ids: Tensor,
+        vectors: Tensor,
+        step: int,
+        after: int,
+        seed: int,
+        gather: Callable[[Tensor], Tensor] = lambda t: t,
+        allowed: Optional[Tensor] = None,
+    ) -> Optional[Tensor]:
+        """Dead-code restart after a training step, decided on the device: note the codes `ids` used, and
+        every after/4 steps (and at step 0: the data-dependent initialisation of the codebook) restart the
+        codes unused for more than `after` steps onto the step's `vectors`. Off while `after` <= 0 or the
+        codebook is frozen.
+
+        `gather` collects a tensor from every DDP rank (Lightning's `all_gather`), so that all ranks see the
+        same candidates and, from the generator seeded by (seed, step), draw the same picks. Returns how many
+        codes moved (a device count) on the steps that restart, else None.
+        """
+        if after <= 0 or not self.codebook.requires_grad:
+            return None
+        self.note_usage(gather(ids).flatten(), step)
+        if step % max(1, after // 4) != 0:
+            return None
+        candidates = gather(vectors.detach()).reshape(-1, vectors.shape[-1])
+        generator = torch.Generator(device=self.codebook.device).manual_seed(seed * 1_000_003 + step)
+        return self.restart_dead(candidates, step, after, generator, allowed)
 
     @torch.no_grad()
     def restart_dead(

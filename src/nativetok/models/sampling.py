@@ -1,76 +1,26 @@
-"""Shared pieces of class-conditional generation: the class embedding with its null class, guidance,
-drawing tokens from logits, and the fixed-shape model steps that sampling loops run (eager, compiled, or
-replayed from a CUDA graph), with what they cost the host."""
+"""Shared pieces of class-conditional sampling: guidance, drawing tokens from logits, the keys of the fixed-shape
+model steps that sampling loops run (eager, compiled, or replayed from a CUDA graph), and what they cost the host.
+The generators' shared trunk and interface are in `generator.py`."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from nativetok.config.schema import GUIDANCE_SCHEDULES, GuidanceSchedule
 from nativetok.models.graphs import Compile
 from nativetok.profiling import DispatchCounter
 
-GUIDANCE_SCHEDULES = ("constant", "linear")
+if TYPE_CHECKING:  # generator.py imports this module
+    from nativetok.models.generator import Generator
 
 
-class ClassConditional(nn.Module):
-    """What the AR and MaskGIT generators share: their sizes, a class embedding whose last row is the null
-    class (trained by label dropout, used by the unconditional half of guided sampling)."""
-
-    def __init__(self, codebook_size: int, num_tokens: int, num_classes: int, width: int, class_dropout: float):
-        super().__init__()
-        self.codebook_size = codebook_size
-        self.num_tokens = num_tokens
-        self.num_classes = num_classes
-        self.class_dropout = class_dropout
-        self.class_embed = nn.Embedding(num_classes + 1, width)
-        self._steps: Dict[StepKey, Any] = {}
-        self._steps_parameters: Optional[tuple] = None
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def drop_labels(self, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Replace labels by the null class with probability class_dropout (training for guidance)."""
-        if self.class_dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
-
-    def sampling_rows(self, labels: Tensor, cfg_scale: float, cfg_schedule: str) -> tuple[Tensor, bool]:
-        """The class of each row of a sampling batch, and whether it is guided.
-
-        Guidance runs whenever it can change the result (scale != 1 or a schedule): the conditional rows
-        then have, below them, the same rows with the null class.
-        """
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):  # the one host sync of a sampling call
-            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {labels.tolist()}")
-        guided = cfg_scale != 1.0 or cfg_schedule != "constant"
-        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
-        return rows, guided
-
-    def sampling_step(self, key: StepKey, build: Callable[[], Any]) -> Any:
-        """The step `build` makes for `key`, kept on the module (CUDA graphs and compiled code are costly to make)
-        for as long as the parameters are the same tensors: moving or converting the module drops them all."""
-        parameters = tuple((p.device, p.dtype, p.data_ptr()) for p in self.parameters())
-        if parameters != self._steps_parameters:
-            self._steps, self._steps_parameters = {}, parameters
-        if key not in self._steps:
-            self._steps[key] = build()
-        return self._steps[key]
-
-    def __getstate__(self):
-        """Copies and pickles leave the sampling steps (CUDA graphs, compiled code) behind."""
-        return {**super().__getstate__(), "_steps": {}, "_steps_parameters": None}
-
-
-def guidance_scale(scale: float, schedule: str, progress: float) -> float:
+def guidance_scale(scale: float, schedule: GuidanceSchedule, progress: float) -> float:
     """The guidance scale at `progress` in (0, 1] of the sequence: constant, or rising linearly from 1."""
     if schedule == "constant":
         return scale
@@ -140,7 +90,7 @@ def step_key(device: torch.device, rows: int, graph: Optional[bool], compile: Co
 
 
 def sampling_throughput(
-    model: ClassConditional,
+    model: Generator,
     batch: int = 8,
     cfg_scale: float = 2.0,
     device: str | torch.device = "cuda",
@@ -168,7 +118,7 @@ def sampling_throughput(
 
 
 def dispatch_cost_per_token(
-    model: ClassConditional, batch: int = 8, cfg_scale: float = 2.0, **sample_options
+    model: Generator, batch: int = 8, cfg_scale: float = 2.0, **sample_options
 ) -> Dict[str, float]:
     """Aten ops, host syncs and tensors made from host data per token position of one eager `model.sample`
     call (every row gets its token at that position together), counted after one warm-up call."""

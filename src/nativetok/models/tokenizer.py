@@ -1,29 +1,32 @@
 """NativeTokenizer = MIT + token producer (MoCET, or latent tokens for the baselines) + VQ + decoder.
 
-Kinds (the comparison of the paper, like for like):
+Kinds (the comparison of the paper, like for like), one small subclass each, built by `build_tokenizer`:
 - `nativetok`: Z from the MIT, then one causal expert per token (MoCET); experts can be grown (HNT).
 - `parallel`: TiTok-style; learned latent tokens ride along with the patches through the MIT with full
   attention and become all tokens at once.
 - `causal_mask`: the same, but latent token i attends only to the patches and to latents <= i (and the
   patches do not attend to the latents), so the order is causal by masking alone.
+
+Every public method takes and returns images in [0, 1]; the networks work in [-1, 1] (`models/pixels.py`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
-from nativetok.config.schema import TokenizerConfig
+from nativetok.config.schema import TOKENIZER_KINDS, GrowthInit, TokenizerConfig, TokenizerKind, TrainablePart
 from nativetok.models.decoder import PixelDecoder
 from nativetok.models.layers import learned_positions
 from nativetok.models.mit import MetaImageTransformer
 from nativetok.models.mocet import MixtureOfCausalExperts
 from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import Quantized, VectorQuantizer
+from nativetok.pixels import to_signed, to_unit
 
 # How far outside [0, 1] `encode` lets pixel values be (rounding in the caller's resizing or normalising).
 PIXEL_TOLERANCE = 1e-3
@@ -31,10 +34,15 @@ PIXEL_TOLERANCE = 1e-3
 
 @dataclass
 class TokenizerOutput:
-    reconstruction: Tensor  # [B, C, H, W] in about [-1, 1]
+    signed: Tensor  # [B, C, H, W] the decoder's output in about [-1, 1]: the scale the losses use
     ids: Tensor  # [B, active tokens]
     quantizer_loss: Tensor
     vectors: Tensor  # [B, active tokens, code_dim] normalised encoder outputs before quantization
+
+    @property
+    def reconstruction(self) -> Tensor:
+        """[B, C, H, W] in about [0, 1] (unclamped: training sees what the decoder produced)."""
+        return to_unit(self.signed)
 
 
 class LatentTokens(nn.Module):
@@ -53,10 +61,16 @@ class LatentTokens(nn.Module):
 
 
 class NativeTokenizer(nn.Module):
+    """What every kind shares: MIT, quantizer, decoder, the public encode/decode/forward and the HNT parts.
+
+    A subclass per kind (`build_tokenizer` picks it) adds the token producer between MIT and quantizer.
+    """
+
+    kind: TokenizerKind
+
     def __init__(self, config: TokenizerConfig, image_size: int, channels: int):
         super().__init__()
         self.config = config
-        self.kind = config.kind
         self.image_size = image_size
         self.channels = channels
         self.num_tokens = config.num_tokens
@@ -65,18 +79,7 @@ class NativeTokenizer(nn.Module):
             image_size, channels, config.patch_size, config.mit.width, config.mit.depth, config.mit.heads,
             config.mit.mlp_ratio, config.latent_width,
         )
-        if self.kind == "nativetok":
-            e = config.experts
-            self.experts = MixtureOfCausalExperts(
-                config.num_tokens, config.latent_width, e.depth, e.heads, e.mlp_ratio, q.code_dim
-            )
-        elif self.kind in ("parallel", "causal_mask"):
-            self.latents = LatentTokens(
-                config.num_tokens, self.mit.num_patches, config.mit.width, causal=self.kind == "causal_mask"
-            )
-            self.token_head = nn.Linear(config.latent_width, q.code_dim)
-        else:
-            raise ValueError(f"unknown tokenizer kind '{self.kind}'")
+        self._build_producer(config)  # after the MIT and before the quantizer: the order weights are drawn in
         self.quantizer = VectorQuantizer(q.codebook_size, q.code_dim, q.commitment)
         d = config.decoder
         self.decoder = PixelDecoder(
@@ -86,6 +89,9 @@ class NativeTokenizer(nn.Module):
         # Tokens produced so far: grows with Hierarchical Native Training. A Python int (reading it never
         # waits for the GPU), saved in the state dict as extra state.
         self.num_active = config.num_tokens
+
+    def _build_producer(self, config: TokenizerConfig) -> None:
+        raise TypeError("NativeTokenizer is the base of the tokenizer kinds: build one with build_tokenizer")
 
     def get_extra_state(self) -> dict:
         return {"active_tokens": self.num_active}
@@ -124,15 +130,138 @@ class NativeTokenizer(nn.Module):
     def quantize(
         self, images: Tensor, cache: Optional[FrozenPrefixCache] = None, views: Optional[Sequence[str]] = None
     ) -> Quantized:
-        """images in [-1, 1] -> the quantized active tokens; with a cache, Z and the frozen experts' outputs
-        come from it for the views it holds (`frozen_prefix` says when that is valid)."""
-        if self.kind == "nativetok":
-            if cache is None:
-                return self.experts(self.mit(images), self.quantizer, self.num_active)
-            z, prefix = self._cached(images, cache, views)
-            return self.experts(z, self.quantizer, self.num_active, prefix)
-        z = self.mit(images, extra=self.latents.tokens, mask=self.latents.mask)
-        return self.quantizer(self.token_head(z[:, self.mit.num_patches :]))
+        """The encoder on the networks' scale, for the forward, CUDA graphs and benchmarks: images in
+        [-1, 1] (not the public [0, 1]) -> the quantized active tokens. With a cache, Z and the frozen
+        experts' outputs come from it for the views it holds (`frozen_prefix` says when that is valid)."""
+        raise NotImplementedError
+
+    def frozen_prefix(self) -> Optional[int]:
+        """What a prefix cache may hold now: None when nothing this kind computes can be cached."""
+        return None
+
+    def forward(
+        self,
+        images: Tensor,
+        lengths: Optional[Tensor] = None,
+        cache: Optional[FrozenPrefixCache] = None,
+        views: Optional[Sequence[str]] = None,
+        encoder: Optional[Callable[[Tensor], Quantized]] = None,
+    ) -> TokenizerOutput:
+        """images in [0, 1] -> reconstruction in about [0, 1], unclamped (decoded from `lengths` tokens per
+        sample); the output also keeps the decoder's [-1, 1] result, which the losses use.
+
+        With a `cache` and one name per image view, Z and the frozen experts' outputs are reused.
+        `encoder` replaces `quantize` (a captured `EncoderGraph` of this tokenizer).
+        """
+        self.check_images(images)
+        signed = to_signed(images)
+        tokens = encoder(signed) if encoder is not None else self.quantize(signed, cache, views)
+        return TokenizerOutput(self.decoder(tokens.codes, lengths), tokens.ids, tokens.loss, tokens.inputs)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images float [B, C, H, W] in [0, 1] -> token ids LongTensor [B, active tokens]."""
+        self.check_images(images)
+        self.check_pixel_values(images)
+        return self.quantize(to_signed(images)).ids
+
+    @torch.no_grad()
+    def decode(self, ids: Tensor, k: Optional[int] = None) -> Tensor:
+        """ids [B, n] -> images in [0, 1] (clamped), from the first k tokens (default: all n given)."""
+        if ids.dim() != 2 or ids.shape[1] > self.num_tokens:
+            raise ValueError(f"ids must be [B, n] with n <= {self.num_tokens}, got {list(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be an integer tensor of token ids, got dtype {ids.dtype}")
+        if k is not None:
+            if not 0 <= k <= ids.shape[1]:
+                raise ValueError(f"k={k} is outside the {ids.shape[1]} tokens given")
+            ids = ids[:, :k]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.quantizer.codebook_size):
+            raise ValueError(f"token ids must be in [0, {self.quantizer.codebook_size})")
+        images = self.decoder(self.quantizer.lookup(ids.long()))
+        return to_unit(images.float()).clamp(0, 1)  # float32 under autocast too
+
+    # -- Hierarchical Native Training -------------------------------------------------------------
+    def set_active(self, count: int) -> None:
+        """Use the first `count` experts, as they are (no initialisation): the start of a schedule."""
+        if not 1 <= count <= self.num_tokens:
+            raise ValueError(f"cannot use {count} experts: the tokenizer has {self.num_tokens} tokens")
+        self.num_active = count
+
+    def grow(self, count: int, init: GrowthInit, generator: Optional[torch.Generator] = None) -> None:
+        """Bring experts into use up to `count` (new ones initialised per `init`)."""
+        raise ValueError(f"a '{self.kind}' tokenizer has no experts to grow")
+
+    def parts(self) -> Dict[str, List[nn.Parameter]]:
+        """Parameters by the names a growth schedule uses; experts listed one by one as expert.<i>."""
+        groups: Dict[str, List[nn.Parameter]] = {"mit": list(self.mit.parameters())}
+        self._producer_parts(groups)
+        groups["codebook"] = [self.quantizer.codebook]
+        groups["decoder"] = list(self.decoder.parameters())
+        return groups
+
+    def _producer_parts(self, groups: Dict[str, List[nn.Parameter]]) -> None:
+        """Add the token producer's parameters to `groups` (after the MIT's, before the codebook)."""
+        raise NotImplementedError
+
+    def set_trainable(self, new_experts: range, train: Sequence[TrainablePart]) -> List[str]:
+        """Train the experts in `new_experts` and the listed parts; freeze everything else.
+
+        `train` holds any of TRAINABLE_PARTS (all, mit, old_experts, codebook, decoder). Experts not yet
+        active are frozen too. Returns the names of the frozen parts.
+        """
+        frozen = []
+        for name, params in self.parts().items():
+            if name.startswith("expert."):
+                index = int(name.split(".")[1])
+                trains = index < self.num_active and (
+                    index in new_experts or "all" in train or ("old_experts" in train and index < new_experts.start)
+                )
+            else:
+                trains = "all" in train or name in train
+            for p in params:
+                p.requires_grad_(trains)
+            if not trains:
+                frozen.append(name)
+        return frozen
+
+    def parameter_counts(self) -> Dict[str, int]:
+        counts = {"total": sum(p.numel() for p in self.parameters())}
+        for name, params in self.parts().items():
+            key = "experts" if name.startswith("expert.") else name
+            counts[key] = counts.get(key, 0) + sum(p.numel() for p in params)
+        return counts
+
+
+TOKENIZERS: Dict[str, Type[NativeTokenizer]] = {}
+
+
+def register(cls: Type[NativeTokenizer]) -> Type[NativeTokenizer]:
+    """Add a kind to TOKENIZERS under its `kind`, one of TOKENIZER_KINDS."""
+    assert cls.kind in TOKENIZER_KINDS and cls.kind not in TOKENIZERS, cls.kind
+    TOKENIZERS[cls.kind] = cls
+    return cls
+
+
+@register
+class ExpertTokenizer(NativeTokenizer):
+    """NativeTok: Z from the MIT, then one causal expert per token (MoCET), grown by HNT."""
+
+    kind = "nativetok"
+
+    def _build_producer(self, config: TokenizerConfig) -> None:
+        e = config.experts
+        self.experts = MixtureOfCausalExperts(
+            config.num_tokens, config.latent_width, e.depth, e.heads, e.mlp_ratio, config.quantizer.code_dim
+        )
+
+    def quantize(
+        self, images: Tensor, cache: Optional[FrozenPrefixCache] = None, views: Optional[Sequence[str]] = None
+    ) -> Quantized:
+        if cache is None:
+            return self.experts(self.mit(images), self.quantizer, self.num_active)
+        z, prefix = self._cached(images, cache, views)
+        return self.experts(z, self.quantizer, self.num_active, prefix)
 
     def _cached(
         self, images: Tensor, cache: FrozenPrefixCache, views: Optional[Sequence[str]]
@@ -157,9 +286,9 @@ class NativeTokenizer(nn.Module):
         return torch.stack([entry[0] for entry in entries]), torch.stack([entry[1] for entry in entries])
 
     def frozen_prefix(self) -> Optional[int]:
-        """What a prefix cache may hold now: None while the MIT trains (Z moves), else how many leading
-        active experts have fixed outputs for a fixed view (0 while the codebook trains: their contexts move)."""
-        if self.kind != "nativetok" or any(p.requires_grad for p in self.mit.parameters()):
+        """None while the MIT trains (Z moves), else how many leading active experts have fixed outputs for
+        a fixed view (0 while the codebook trains: their contexts move)."""
+        if any(p.requires_grad for p in self.mit.parameters()):
             return None
         if self.quantizer.codebook.requires_grad:
             return 0
@@ -170,102 +299,55 @@ class NativeTokenizer(nn.Module):
             count += 1
         return count
 
-    def forward(
-        self,
-        images: Tensor,
-        lengths: Optional[Tensor] = None,
-        cache: Optional[FrozenPrefixCache] = None,
-        views: Optional[Sequence[str]] = None,
-        encoder: Optional[Callable[[Tensor], Quantized]] = None,
-    ) -> TokenizerOutput:
-        """images in [0, 1] -> reconstruction in about [-1, 1] (decoded from `lengths` tokens per sample).
-
-        With a `cache` and one name per image view, Z and the frozen experts' outputs are reused.
-        `encoder` replaces `quantize` (a captured `EncoderGraph` of this tokenizer).
-        """
-        self.check_images(images)
-        tokens = encoder(images * 2 - 1) if encoder is not None else self.quantize(images * 2 - 1, cache, views)
-        reconstruction = self.decoder(tokens.codes, lengths)
-        return TokenizerOutput(reconstruction, tokens.ids, tokens.loss, tokens.inputs)
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """images float [B, C, H, W] in [0, 1] -> token ids LongTensor [B, active tokens]."""
-        self.check_images(images)
-        self.check_pixel_values(images)
-        return self.quantize(images * 2 - 1).ids
-
-    @torch.no_grad()
-    def decode(self, ids: Tensor, k: Optional[int] = None) -> Tensor:
-        """ids [B, n] -> images in [0, 1], from the first k tokens (default: all n given)."""
-        if ids.dim() != 2 or ids.shape[1] > self.num_tokens:
-            raise ValueError(f"ids must be [B, n] with n <= {self.num_tokens}, got {list(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"ids must be an integer tensor of token ids, got dtype {ids.dtype}")
-        if k is not None:
-            if not 0 <= k <= ids.shape[1]:
-                raise ValueError(f"k={k} is outside the {ids.shape[1]} tokens given")
-            ids = ids[:, :k]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.quantizer.codebook_size):
-            raise ValueError(f"token ids must be in [0, {self.quantizer.codebook_size})")
-        images = self.decoder(self.quantizer.lookup(ids.long()))
-        return ((images.float() + 1) / 2).clamp(0, 1)  # float32 under autocast too
-
-    # -- Hierarchical Native Training -------------------------------------------------------------
-    def set_active(self, count: int) -> None:
-        """Use the first `count` experts, as they are (no initialisation): the start of a schedule."""
-        if self.kind != "nativetok" and count != self.num_tokens:
-            raise ValueError(f"a '{self.kind}' tokenizer always produces all {self.num_tokens} tokens")
-        if not 1 <= count <= self.num_tokens:
-            raise ValueError(f"cannot use {count} experts: the tokenizer has {self.num_tokens} tokens")
-        self.num_active = count
-
-    def grow(self, count: int, init: str, generator: Optional[torch.Generator] = None) -> None:
-        """Bring experts into use up to `count` (new ones initialised per `init`)."""
-        if self.kind != "nativetok":
-            raise ValueError(f"a '{self.kind}' tokenizer has no experts to grow")
+    def grow(self, count: int, init: GrowthInit, generator: Optional[torch.Generator] = None) -> None:
         if not 1 <= count <= self.num_tokens:
             raise ValueError(f"cannot grow to {count} experts: the tokenizer has {self.num_tokens} tokens")
         if count > self.num_active:
             self.experts.grow(self.num_active, count, init, generator)
         self.num_active = count
 
-    def parts(self) -> Dict[str, List[nn.Parameter]]:
-        """Parameters by the names a growth schedule uses; experts listed one by one as expert.<i>."""
-        groups: Dict[str, List[nn.Parameter]] = {"mit": list(self.mit.parameters())}
-        if self.kind == "nativetok":
-            for i, expert in enumerate(self.experts.experts):
-                groups[f"expert.{i}"] = list(expert.parameters())
-        else:
-            groups["mit"] += list(self.latents.parameters()) + list(self.token_head.parameters())
-        groups["codebook"] = [self.quantizer.codebook]
-        groups["decoder"] = list(self.decoder.parameters())
-        return groups
+    def _producer_parts(self, groups: Dict[str, List[nn.Parameter]]) -> None:
+        for i, expert in enumerate(self.experts.experts):
+            groups[f"expert.{i}"] = list(expert.parameters())
 
-    def set_trainable(self, new_experts: range, train: Sequence[str]) -> List[str]:
-        """Train the experts in `new_experts` and the listed parts; freeze everything else.
 
-        `train` holds any of all, mit, old_experts, codebook, decoder. Experts not yet active are frozen
-        too. Returns the names of the frozen parts.
-        """
-        frozen = []
-        for name, params in self.parts().items():
-            if name.startswith("expert."):
-                index = int(name.split(".")[1])
-                trains = index < self.num_active and (
-                    index in new_experts or "all" in train or ("old_experts" in train and index < new_experts.start)
-                )
-            else:
-                trains = "all" in train or name in train
-            for p in params:
-                p.requires_grad_(trains)
-            if not trains:
-                frozen.append(name)
-        return frozen
+@register
+class ParallelTokenizer(NativeTokenizer):
+    """TiTok-style: learned latent tokens ride along with the patches through the MIT (full attention)."""
 
-    def parameter_counts(self) -> Dict[str, int]:
-        counts = {"total": sum(p.numel() for p in self.parameters())}
-        for name, params in self.parts().items():
-            key = "experts" if name.startswith("expert.") else name
-            counts[key] = counts.get(key, 0) + sum(p.numel() for p in params)
-        return counts
+    kind = "parallel"
+    causal = False
+
+    def _build_producer(self, config: TokenizerConfig) -> None:
+        self.latents = LatentTokens(config.num_tokens, self.mit.num_patches, config.mit.width, causal=self.causal)
+        self.token_head = nn.Linear(config.latent_width, config.quantizer.code_dim)
+
+    def quantize(
+        self, images: Tensor, cache: Optional[FrozenPrefixCache] = None, views: Optional[Sequence[str]] = None
+    ) -> Quantized:
+        """(No cache: every token depends on the MIT, so nothing is ever frozen upstream of a token.)"""
+        z = self.mit(images, extra=self.latents.tokens, mask=self.latents.mask)
+        return self.quantizer(self.token_head(z[:, self.mit.num_patches :]))
+
+    def set_active(self, count: int) -> None:
+        if count != self.num_tokens:
+            raise ValueError(f"a '{self.kind}' tokenizer always produces all {self.num_tokens} tokens")
+        super().set_active(count)
+
+    def _producer_parts(self, groups: Dict[str, List[nn.Parameter]]) -> None:
+        groups["mit"] += list(self.latents.parameters()) + list(self.token_head.parameters())
+
+
+@register
+class CausalMaskTokenizer(ParallelTokenizer):
+    """The parallel baseline with latent token i seeing only the patches and latents <= i."""
+
+    kind = "causal_mask"
+    causal = True
+
+
+def build_tokenizer(config: TokenizerConfig, image_size: int, channels: int) -> NativeTokenizer:
+    """The tokenizer of kind `config.kind` (one of TOKENIZER_KINDS)."""
+    if config.kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer kind '{config.kind}': use one of {', '.join(TOKENIZER_KINDS)}")
+    return TOKENIZERS[config.kind](config, image_size, channels)

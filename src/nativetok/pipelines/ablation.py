@@ -17,14 +17,9 @@ from nativetok.config import load_config
 from nativetok.config.loading import load_ablation
 from nativetok.config.schema import AblationPreset
 from nativetok.eval.statistics import Difference, Summary
+from nativetok.pipelines.runs import preset_path, timed_training
 
 log = logging.getLogger(__name__)
-
-
-def preset_path(preset: str) -> Path:
-    """A preset by name (experiments/ablation/<name>.yaml, from the repository root) or by path."""
-    path = Path(preset)
-    return path if path.suffix in (".yaml", ".yml") else Path("experiments") / "ablation" / f"{preset}.yaml"
 
 
 def measure_run(run_dir: Path, images, ks: List[int], seconds: float) -> Dict:
@@ -46,12 +41,11 @@ def measure_run(run_dir: Path, images, ks: List[int], seconds: float) -> Dict:
 
 
 def ablate(preset: str = "hnt", out: Path = Path("runs/ablation")) -> Dict[str, List[Dict]]:
-    from nativetok.eval.compare import timed_training
     from nativetok.eval.fid import real_images
     from nativetok.eval.prefix import prefix_lengths
     from nativetok.lit.train import train_tokenizer
 
-    path = preset_path(preset)
+    path = preset_path(preset, "ablation")
     settings = load_ablation(path)
     root = Path(out) / path.stem
     experiment = path.parent / settings.experiment

@@ -25,7 +25,8 @@ from nativetok.config import load_config
 from nativetok.config.loading import load_preset
 from nativetok.config.schema import ComparePreset, ExperimentConfig
 from nativetok.eval.statistics import Summary, verdict
-from nativetok.models import NativeTokenizer
+from nativetok.models.tokenizer import build_tokenizer
+from nativetok.pipelines.runs import preset_path, timed_training
 
 log = logging.getLogger(__name__)
 BASE = "nativetok"
@@ -37,15 +38,10 @@ METRICS = {
 }
 
 
-def preset_path(preset: str) -> Path:
-    """A preset by name (experiments/compare/<name>.yaml, from the repository root) or by path."""
-    path = Path(preset)
-    return path if path.suffix in (".yaml", ".yml") else Path("experiments") / "compare" / f"{preset}.yaml"
-
-
 def parameter_count(config: ExperimentConfig) -> int:
+    """The tokenizer's parameter count, from shapes alone (built on the meta device: no memory, no time)."""
     with torch.device("meta"):
-        model = NativeTokenizer(config.tokenizer, config.data.image_size, config.data.channels)
+        model = build_tokenizer(config.tokenizer, config.data.image_size, config.data.channels)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -55,23 +51,6 @@ def matched_mit_depth(base: Path, overrides: List[str], target: int) -> int:
         return parameter_count(load_config(base, overrides + [f"tokenizer.mit.depth={depth}"]))
 
     return min(range(1, 33), key=lambda depth: abs(count(depth) - target))
-
-
-def _finished(run_dir: Path, steps: int) -> bool:
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["global_step"] >= steps
-
-
-def timed_training(run_dir: Path, train, config: ExperimentConfig) -> float:
-    """Train (unless finished) and return the wall time of the training that produced the run."""
-    record = run_dir / "timing.json"
-    if _finished(run_dir, config.trainer.max_steps) and record.is_file():
-        return json.loads(record.read_text())["seconds"]
-    start = time.monotonic()
-    train(config)
-    seconds = time.monotonic() - start
-    record.write_text(json.dumps({"seconds": seconds}) + "\n")
-    return seconds
 
 
 def rows(settings: ComparePreset) -> List[Tuple[str, str, List[str]]]:
@@ -84,7 +63,7 @@ def rows(settings: ComparePreset) -> List[Tuple[str, str, List[str]]]:
 
 
 def compare(preset: str = "default", out: Path = Path("runs/compare"), seeds: Optional[Sequence[int]] = None) -> Dict:
-    path = preset_path(preset)
+    path = preset_path(preset, "compare")
     settings: ComparePreset = load_preset(path)
     root = Path(out) / path.stem
     tokenizer_file = path.parent / settings.tokenizer_experiment
@@ -109,8 +88,8 @@ def compare(preset: str = "default", out: Path = Path("runs/compare"), seeds: Op
 
 def run_row(folder: Path, settings: ComparePreset, presets: Path, overrides: List[str], seed: int) -> Dict:
     """One row and seed: tokenizer, tokens, generator, then every measurement (cached in metrics.json)."""
-    from nativetok.data.tokens import tokenize_shards
     from nativetok.lit.train import train_generator, train_tokenizer
+    from nativetok.pipelines.tokenize import tokenize_shards
 
     tokenizer_config = load_config(presets / settings.tokenizer_experiment,
                                    [f"seed={seed}", f"run.dir={folder / 'tokenizer'}", *overrides])

@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 
-from nativetok import __version__
 from nativetok.checkpoints import (
     CONFIG_FILE,
     EXPORT_FORMAT,
@@ -35,6 +34,8 @@ from nativetok.checkpoints import (
 )
 from nativetok.config.loading import from_container, to_container
 from nativetok.config.schema import ExperimentConfig
+from nativetok.io import replace_folder
+from nativetok.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,7 @@ def export(
         (staging / CONFIG_FILE).write_text(json.dumps(body, indent=1) + "\n")
         shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)  # safetensors writes 0600 files
         (staging / "README.md").write_text(model_card(meta, config))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_folder(staging, out, aside=out.with_name(f".{out.name}.previous"))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,0 +1,181 @@
+"""What every class-conditional generator shares, and the registry that builds one from its config.
+
+The trunk (class and token embeddings, the shared transformer blocks, the final norm and head, their
+initialisation) lives here once; a kind adds its position encoding, its loss and its sampler. A class embedding's
+last row is the null class: label dropout trains it, the unconditional half of guided sampling uses it. The
+interface is the same for every kind: `loss(tokens, labels, generator)` and `sample(labels, sampling, seed)`,
+each kind reading from a `SamplingConfig` the settings that apply to it (`sampling_fields`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nativetok.config.schema import GENERATOR_KINDS, GeneratorConfig, GuidanceSchedule, SamplingConfig
+from nativetok.models.graphs import Compile
+from nativetok.models.layers import Block, RMSNorm, init_weights
+from nativetok.models.sampling import StepKey
+
+GENERATORS: Dict[str, Type["Generator"]] = {}  # kind (one of GENERATOR_KINDS) -> class, filled by subclassing
+
+
+class Generator(nn.Module):
+    """The shared trunk and interface; a subclass names its kind (`class X(Generator, kind="ar")`) to register."""
+
+    kind: ClassVar[str]
+    extra_ids: ClassVar[int] = 0  # token ids past the codebook (MaskGIT's [MASK])
+    sampling_fields: ClassVar[Tuple[str, ...]] = ()  # the SamplingConfig fields `sample` reads for this kind
+
+    def __init_subclass__(cls, kind: Optional[str] = None, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if kind is None:
+            return
+        if kind not in GENERATOR_KINDS:
+            raise ValueError(f"generator kind '{kind}' is not one of {GENERATOR_KINDS}")
+        cls.kind = kind
+        GENERATORS[kind] = cls
+
+    def __init__(
+        self,
+        codebook_size: int,
+        num_tokens: int,
+        num_classes: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        class_dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.codebook_size, self.num_tokens, self.num_classes = codebook_size, num_tokens, num_classes
+        self.width, self.heads, self.class_dropout = width, heads, class_dropout
+        # Made in this order so that parameters, state-dict keys and initial values stay those of checkpoints.
+        self.class_embed = nn.Embedding(num_classes + 1, width)
+        self.token_embed = nn.Embedding(codebook_size + self.extra_ids, width)
+        self.add_positions()
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, norm="rms", mlp="swiglu", bias=False) for _ in range(depth)
+        )
+        self.norm = RMSNorm(width)
+        self.head = nn.Linear(width, codebook_size, bias=False)
+        init_weights(self)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.class_embed.weight, std=0.02)
+        self._steps: Dict[StepKey, Any] = {}
+        self._steps_parameters: Optional[tuple] = None
+
+    @classmethod
+    def from_config(cls, config: GeneratorConfig, num_classes: int) -> "Generator":
+        return cls(config.codebook_size, config.num_tokens, num_classes, config.width, config.depth, config.heads,
+                   config.mlp_ratio, config.class_dropout, **cls.config_options(config))
+
+    @classmethod
+    def config_options(cls, config: GeneratorConfig) -> Dict[str, Any]:
+        """Constructor arguments of this kind only (e.g. MaskGIT's mask schedule)."""
+        return {}
+
+    def add_positions(self) -> None:
+        """The kind's position encoding, made between the embeddings and the blocks (see `__init__`)."""
+
+    # -- the trunk ----------------------------------------------------------------------------------------------
+    def run_blocks(self, x: Tensor, **attention) -> Tensor:
+        for layer, block in enumerate(self.blocks):
+            x = block(x, layer=layer, **attention)
+        return x
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(x))
+
+    @staticmethod
+    def token_losses(logits: Tensor, tokens: Tensor) -> Tensor:
+        """Cross-entropy (nats, in float32) of each token [B, K] under logits [B, K, V]."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view(tokens.shape)
+
+    # -- the interface ------------------------------------------------------------------------------------------
+    def loss(
+        self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """Mean training loss (nats per token) and its value at each position [K]; `generator` draws what the
+        kind draws at random (a kind that draws nothing ignores it)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor,
+        sampling: Optional[SamplingConfig] = None,
+        seed: int = 0,
+        graph: Optional[bool] = None,
+        compile: Compile = False,
+        **options: Any,
+    ):
+        """Token ids [B, K] for class `labels` [B]; the same seed gives the same tokens.
+
+        Settings: the kind's defaults, replaced by the `sampling_fields` of `sampling` when given, replaced by
+        keyword `options` (single settings, or the kind's own such as AR's `use_cache`). `graph` replays each
+        fixed-shape step from a CUDA graph (None: on CUDA); `compile` compiles it (True, or torch.compile
+        options such as {"backend": "aot_eager"}). A graph replays the eager kernels and gives the same tokens;
+        so does compiled code that keeps eager's rounding (aot_eager; inductor may fuse).
+        """
+        chosen = {name: getattr(sampling, name) for name in self.sampling_fields} if sampling is not None else {}
+        return self.sample_tokens(labels, seed=seed, graph=graph, compile=compile, **{**chosen, **options})
+
+    def sample_tokens(self, labels: Tensor, *, seed: int, graph: Optional[bool], compile: Compile, **settings):
+        """The kind's sampler, with every setting by keyword (`sample` chooses them)."""
+        raise NotImplementedError
+
+    # -- what samplers share ------------------------------------------------------------------------------------
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def drop_labels(self, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Replace labels by the null class with probability class_dropout (training for guidance)."""
+        if self.class_dropout <= 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.class_dropout
+        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+
+    def sampling_rows(self, labels: Tensor, cfg_scale: float, cfg_schedule: GuidanceSchedule) -> tuple[Tensor, bool]:
+        """The class of each row of a sampling batch, and whether it is guided.
+
+        Guidance runs whenever it can change the result (scale != 1 or a schedule): the conditional rows
+        then have, below them, the same rows with the null class.
+        """
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):  # the one host sync of a sampling call
+            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {labels.tolist()}")
+        guided = cfg_scale != 1.0 or cfg_schedule != "constant"
+        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+        return rows, guided
+
+    def sampling_start(
+        self, labels: Tensor, cfg_scale: float, cfg_schedule: GuidanceSchedule, seed: int
+    ) -> tuple[Tensor, bool, torch.Generator]:
+        """`sampling_rows`, and the seeded generator (on the labels' device) that every draw of the call uses."""
+        rows, guided = self.sampling_rows(labels, cfg_scale, cfg_schedule)
+        return rows, guided, torch.Generator(device=labels.device).manual_seed(seed)
+
+    def sampling_step(self, key: StepKey, build: Callable[[], Any]) -> Any:
+        """The step `build` makes for `key`, kept on the module (CUDA graphs and compiled code are costly to make)
+        for as long as the parameters are the same tensors: moving or converting the module drops them all."""
+        parameters = tuple((p.device, p.dtype, p.data_ptr()) for p in self.parameters())
+        if parameters != self._steps_parameters:
+            self._steps, self._steps_parameters = {}, parameters
+        if key not in self._steps:
+            self._steps[key] = build()
+        return self._steps[key]
+
+    def __getstate__(self):
+        """Copies and pickles leave the sampling steps (CUDA graphs, compiled code) behind."""
+        return {**super().__getstate__(), "_steps": {}, "_steps_parameters": None}
+
+
+def build_generator(config: GeneratorConfig, num_classes: int) -> Generator:
+    """The generator of `config.kind`, from the registry."""
+    if config.kind not in GENERATORS:
+        raise ValueError(f"unknown generator kind '{config.kind}': use {' or '.join(GENERATOR_KINDS)}")
+    return GENERATORS[config.kind].from_config(config, num_classes)

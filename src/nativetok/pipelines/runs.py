@@ -1,0 +1,35 @@
+"""What `compare` and `ablate` share: presets found by name, and training runs reused once finished, so an
+interrupted study continues where it stopped."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from nativetok.config.schema import ExperimentConfig
+
+
+def preset_path(preset: str, group: str) -> Path:
+    """A preset by name (experiments/<group>/<name>.yaml, from the repository root) or by path."""
+    path = Path(preset)
+    return path if path.suffix in (".yaml", ".yml") else Path("experiments") / group / f"{preset}.yaml"
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["global_step"] >= steps
+
+
+def timed_training(run_dir: Path, train, config: ExperimentConfig) -> float:
+    """Train (unless finished) and return the wall time of the training that produced the run."""
+    record = run_dir / "timing.json"
+    if _finished(run_dir, config.trainer.max_steps) and record.is_file():
+        return json.loads(record.read_text())["seconds"]
+    start = time.monotonic()
+    train(config)
+    seconds = time.monotonic() - start
+    record.write_text(json.dumps({"seconds": seconds}) + "\n")
+    return seconds
