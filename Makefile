@@ -11,6 +11,7 @@ FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 EXP ?= experiments/fmnist_tiny.yaml
 ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # Stage 2 on the embedded default: the default tokenizer's checkpoint, its token shards, a generator.
 TOKENIZER ?= runs/fmnist_tiny/checkpoints/last.ckpt
 TOKENS ?= data/tokens/fmnist_tiny
@@ -109,8 +110,8 @@ compare: $(FMNIST)  ## NativeTok vs parallel vs causal-mask tokens, same AR gene
 ablate: $(FMNIST)  ## HNT ablation on the default data: variants x seeds, prefix PSNR (ABLATION=hnt)
 	$(NATIVETOK) ablate --preset $(ABLATION)
 
-bench: | $(FMNIST)  ## speed and memory as ratios (NativeTok vs parallel, growth, MFU, KV cache, ops, data); runs/bench/
-	$(BIN)/python benchmarks/bench.py --device cpu --out runs/bench/bench.json
+bench: | $(FMNIST)  ## speed and memory as ratios (NativeTok vs parallel, growth, MFU, KV cache, ops, data); BENCH_ARGS=--quick: tiny shapes only
+	$(BIN)/python benchmarks/bench.py --device cpu --out runs/bench/bench.json $(BENCH_ARGS)
 
 bench-gpu: | $(STAMP)  ## the GPU table on one CUDA device (about 5 minutes on an H200); runs/bench/bench_gpu.md
 	$(BIN)/python benchmarks/bench_gpu.py --device cuda --out runs/bench/bench_gpu.json

@@ -34,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     growth_stages,
     images_for,
     median_time,
+    release_memory,
     report,
     run_probe,
     table,
@@ -87,6 +88,8 @@ def ops_probe(experiment: str, kind: str, batch: int) -> None:
     timer = train_steps(experiment, batch, StepTimer(2, 1, DispatchCounter), [f"tokenizer.kind={kind}",
                                                                               "growth.stages=[]"])
     eager = timer.probes[0]
+    timer.module = None  # the trained model and its optimizer: freed before the next model (L-32: two do not fit)
+    release_memory()
     tokenizer = build(experiment, kind)
     decoder = {id(p) for p in tokenizer.decoder.parameters()}
     encoder_params = sum(1 for p in tokenizer.parameters() if p.requires_grad and id(p) not in decoder)
