@@ -203,6 +203,7 @@ def _experiment_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nativetok.config.schema import GUIDANCE_SCHEDULES
     from nativetok.version import __version__
 
     experiments = _experiments_epilog()
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--format", choices=["png", "npz", "both"], default="both",
                         help="npz: ADM's samples.npz (arr_0, uint8 NHWC RGB) for its evaluator")
     sample.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the config's)")
-    sample.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None)
+    sample.add_argument("--cfg-schedule", choices=GUIDANCE_SCHEDULES, default=None)
     sample.add_argument("--temperature", type=float, default=None)
     sample.add_argument("--top-k", type=int, default=None)
     sample.add_argument("--top-p", type=float, default=None)
