@@ -100,11 +100,12 @@ $(GEN): | $(TOKENS)/index.json
 sample: | $(GEN)  ## sample every class with GEN (trained first if missing) into SAMPLES; SAMPLE_ARGS="--cfg 3 ..."
 	$(NATIVETOK) sample --generator $(GEN) --out $(SAMPLES) $(SAMPLE_ARGS)
 
-eval-fid: | $(STAMP)  ## rFID of CKPT (a tokenizer) and, with GEN=..., gFID of its samples; NUM images, REF_STATS=file.npz
+eval-fid: | $(STAMP)  ## rFID of CKPT (a tokenizer) and, with GEN=..., gFID of its samples on DATA (default the embedded index); NUM images, REF_STATS=file.npz
 	$(NATIVETOK) eval-fid --tokenizer $(CKPT) $(if $(filter command line,$(origin GEN)),--generator $(GEN)) \
+		--data $(if $(DATA),$(DATA),$(FMNIST)) \
 		$(if $(NUM),--num $(NUM)) $(if $(REF_STATS),--ref-stats $(REF_STATS)) --out runs/eval/fid.json
 
-compare: $(FMNIST)  ## NativeTok vs parallel vs causal-mask tokens, same AR generator, seeds (PRESET=quick|default|full)
+compare: $(FMNIST)  ## the token-order study of docs/study.md: NativeTok vs parallel tokens and the order controls (PRESET=default|extended|quick|full)
 	$(NATIVETOK) compare --preset $(PRESET)
 
 ablate: $(FMNIST)  ## HNT ablation on the default data: variants x seeds, prefix PSNR (ABLATION=hnt)

@@ -114,17 +114,19 @@ def test_damaged_mismatched_and_misused_exports_are_refused(run, tmp_path, capsy
     with pytest.raises(CheckpointError, match="holds only its moving-average weights"):
         load_tokenizer(tok, ema=False)
 
-    # Another tokenizer exported into the generator's tokenizer/ (a codebook rolled by one): refused by the pin,
-    # and passed over for the pinned file where that is still at its original path.
+    # Another tokenizer exported into the generator's tokenizer/ (a codebook rolled by one): refused by the pin
+    # (the bytes of its weights), and never passed over for a file outside the export.
     checkpoint = torch.load(run["tok"], map_location="cpu", weights_only=True)
     for key, value in checkpoint["state_dict"].items():
         if key.endswith("quantizer.codebook"):
             checkpoint["state_dict"][key] = torch.roll(value, 1, dims=0)
     torch.save(checkpoint, tmp_path / "other.ckpt")
-    export(tmp_path / "other.ckpt", gen / "tokenizer")  # replaces the earlier export there
+    export(tmp_path / "other.ckpt", gen / "tokenizer", force=True)  # replaces the earlier export there
     with pytest.raises(CheckpointError, match="was trained with sha256"):
         load_generator_tokenizer(gen, tokenizer_path=str(gen / "tokenizer"))
-    assert load_generator_tokenizer(gen)[1] == run["tok"].resolve()
+    with pytest.raises(CheckpointError, match="was trained with sha256"):
+        load_generator_tokenizer(gen)
+    assert load_generator_tokenizer(gen, tokenizer_path=str(run["tok"]))[1] == run["tok"]
 
     # Weights replaced after export: refused by the sha256 beside them.
     weights = load_file(tok / "model.safetensors")

@@ -315,9 +315,10 @@ def test_a_prefix_cache_gives_the_same_tokens_loss_and_gradients(tiny_config, im
         got_ids, got_loss, got_grads = step(cache=cache, views=views)
         assert cache.hits - before == expected_hits
         assert torch.equal(got_ids, ids)
-        assert torch.allclose(got_loss, loss, rtol=1e-6, atol=0)
+        assert torch.allclose(got_loss, loss, rtol=1e-5, atol=0)
+        # another summation order: an element near zero is off by ulps of the tensor's largest values, not its own
         assert grads.keys() == got_grads.keys() and all(
-            torch.allclose(got_grads[n], g, rtol=1e-5, atol=1e-7) for n, g in grads.items())
+            torch.allclose(got_grads[n], g, rtol=1e-5, atol=1e-5 * g.abs().max().item()) for n, g in grads.items())
     z, outputs = cache.entries["view0"]
     assert z.shape == (tokenizer.mit.num_patches, 16) and outputs.shape == (prefix, 12)
 

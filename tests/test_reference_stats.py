@@ -55,10 +55,13 @@ def test_class_balanced_positions_cover_every_class_evenly_and_follow_the_seed()
 
 def test_labels_and_chosen_images_match_the_split_in_index_order(fmnist_index):
     labels = split_labels(str(fmnist_index), "val")
-    first, first_labels = real_images(str(fmnist_index), "val", 300)
-    assert len(labels) == 10000 and labels[:300] == first_labels.tolist()
-    positions = [3, 17, 250, 299]
-    assert torch.equal(images_at(str(fmnist_index), "val", positions), first[positions])
+    whole, whole_labels = real_images(str(fmnist_index), "val", 10000)
+    assert len(labels) == 10000 and labels == whole_labels.tolist()
+    positions = [3, 17, 250, 299, 9999]
+    assert torch.equal(images_at(str(fmnist_index), "val", positions), whole[positions])
+    chosen, chosen_labels = real_images(str(fmnist_index), "val", 20, seed=0)
+    balanced = class_balanced_positions(labels, 20, seed=0)
+    assert torch.equal(chosen, whole[balanced]) and chosen_labels.tolist() == [labels[p] for p in balanced]
 
 
 def test_reference_is_class_balanced_computed_once_and_keyed_by_content(fmnist_index, tmp_path, extractor):

@@ -222,4 +222,5 @@ def test_the_prefix_cache_changes_nothing_but_the_work_done(tiny_config, tmp_pat
         assert cached.losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
     expected = dict(plain_module.tokenizer.named_parameters())
     for name, value in cached_module.tokenizer.named_parameters():
-        assert torch.allclose(value, expected[name], rtol=1e-4, atol=1e-6), name
+        scale = expected[name].abs().max().item()  # tolerance of the tensor's magnitude: sums in another order
+        assert torch.allclose(value, expected[name], rtol=1e-4, atol=1e-5 * scale), name

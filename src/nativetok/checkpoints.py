@@ -10,6 +10,12 @@ the sha256 of the checkpoint it was exported from, once its weights are checked 
 beside them: it holds the weights the loaders take from that checkpoint (the moving average when there is
 one), so a generator pinned to a tokenizer checkpoint decodes with that tokenizer's export, and token shards
 made with either match. Weights replaced or damaged after export are refused.
+
+A checkpoint or export may come from anyone: its stored config passes the command line's checks, its
+shapes are compared with its weights on the meta device before a module is allocated, a pin is matched
+against the bytes of the tokenizer's weights (never a sha256 an export's config.json claims), an export's
+bundled tokenizer is looked for inside the export only, and its stored `data.index` is never read unless
+the user names that data (`named_data`).
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import json
 import logging
 import os
 import re
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from nativetok.config.loading import from_container
+from nativetok.config.loading import ConfigError, from_container
 from nativetok.config.schema import ExperimentConfig
 from nativetok.models import Generator, NativeTokenizer, build_generator, build_tokenizer
 
@@ -34,7 +41,11 @@ log = logging.getLogger(__name__)
 KINDS = ("tokenizer", "generator")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FOLDER = "tokenizer"  # where a generator's export bundles its tokenizer
 EXPORT_FORMAT = 1
+# Config fields that size a module: each is at most the largest dimension or the tensor count of its weights.
+SIZE_FIELDS = ("width", "depth", "heads", "mlp_ratio", "num_tokens", "codebook_size", "code_dim", "latent_width",
+               "patch_size", "channels", "layers", "num_classes")
 # owner/name as the Hub spells repo ids; a name ending in .ckpt is a missing file, not a repo.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?<!\.ckpt)$")
 
@@ -84,7 +95,27 @@ def read_checkpoint(path: str | os.PathLike, kind: Optional[str], map_location="
     if "state_dict" not in checkpoint or "config" not in checkpoint.get("hyper_parameters", {}):
         raise CheckpointError(f"{path}: a {kind} checkpoint without its weights or config (state_dict, "
                               "hyper_parameters.config): damaged or not written by `nativetok train`")
+    checked_config(checkpoint["hyper_parameters"]["config"], path)
     return checkpoint
+
+
+def checked_config(container: dict, path: str | os.PathLike) -> ExperimentConfig:
+    """The config stored in the checkpoint or export at `path`, through the command line's checks."""
+    try:
+        return from_container(container)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def named_data(data: Optional[str], checkpoint_path: str | os.PathLike, option: str = "--data") -> str:
+    """The data index the user named. The `data.index` stored in a checkpoint or export is never read on its own:
+    a shared file would choose what this machine reads (a URL, a command, any file)."""
+    if data:
+        return data
+    stored = checked_config(read_checkpoint(checkpoint_path, None)["hyper_parameters"]["config"],
+                            checkpoint_path).data.index
+    raise CheckpointError(f"{option} is needed: the data.index stored in {checkpoint_path} ('{stored}') is not read "
+                          f"unless you name it ({option} {stored} if you trust it)")
 
 
 def export_metadata(folder: str | os.PathLike) -> Tuple[dict, dict]:
@@ -126,6 +157,7 @@ def read_export(folder: Path, kind: Optional[str]) -> dict:
     if found not in KINDS or found != (kind or found):
         raise CheckpointError(f"{folder} is {f'an exported {found}' if found else 'not a NativeTok export'}"
                               + (f", not a {kind}" if kind else ""))
+    checked_config(config, folder / CONFIG_FILE)
     export_sha256(folder)
     try:
         from safetensors.torch import load_file
@@ -146,16 +178,54 @@ def module_state(checkpoint: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
-def load_weights(model: torch.nn.Module, checkpoint: dict, name: str, ema: bool) -> None:
-    """The moving average (when there is one and `ema` is set), else the trained weights; weights that do not
-    fit the model the config builds (names, shapes) are a CheckpointError."""
+def weights_state(checkpoint: dict, name: str, ema: bool) -> dict:
+    """The moving average (when there is one and `ema` is set), else the trained weights."""
     state = (module_state(checkpoint, "ema.shadow.") if ema else {}) or module_state(checkpoint, f"{name}.")
     if not state:
         raise CheckpointError(f"this {name} holds only its moving-average weights (an export): load it with ema=True")
+    return state
+
+
+def config_sizes(section, prefix: str) -> Dict[str, float]:
+    """key -> value of every field of a config section (and its subsections) that sizes a module."""
+    sizes: Dict[str, float] = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            sizes.update(config_sizes(value, f"{prefix}.{f.name}"))
+        elif f.name in SIZE_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            sizes[f"{prefix}.{f.name}"] = value
+    return sizes
+
+
+def build_to_fit(build: Callable[[], torch.nn.Module], sizes: Dict[str, float], state: dict,
+                 name: str) -> torch.nn.Module:
+    """The module `build` makes, with `state` loaded, built only once a skeleton of it on the meta device (no
+    memory) has the weights' names and shapes. A config that does not fit its weights (num_tokens=1e9 beside
+    16 experts) is a CheckpointError before anything is allocated; no size may exceed the largest dimension or
+    the tensor count of the weights, so that even the skeleton stays small."""
+    tensors = [value for value in state.values() if torch.is_tensor(value)]
+    bound = max([len(tensors), *(max(t.shape, default=1) for t in tensors)])
+    oversized = [f"{key} {value:g}" for key, value in sizes.items() if value > bound]
+    if oversized:
+        raise CheckpointError(f"the {name}'s weights do not fit its config: {', '.join(oversized)} exceed every "
+                              f"size in its weights (largest dimension or tensor count {bound})")
+    with torch.device("meta"):
+        expected = build().state_dict()
+    problems = [f"missing {k}" for k in sorted(expected.keys() - state.keys())]
+    problems += [f"unexpected {k}" for k in sorted(state.keys() - expected.keys())]
+    problems += [f"{k} is {list(state[k].shape)}, the config builds {list(expected[k].shape)}"
+                 for k in sorted(expected.keys() & state.keys())
+                 if torch.is_tensor(state[k]) and state[k].shape != expected[k].shape]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise CheckpointError(f"the {name}'s weights do not fit its config: {shown}")
+    model = build()
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"the {name}'s weights do not fit its config: {error}") from None
+    return model
 
 
 def tokenizer_config(path: str | os.PathLike) -> ExperimentConfig:
@@ -168,6 +238,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     that of the checkpoint it was exported from (`export_sha256`)."""
     if Path(path).is_dir():
         return export_sha256(path)
+    return bytes_sha256(path)
+
+
+def bytes_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
@@ -185,8 +260,10 @@ def tokenizer_from_checkpoint(
 ) -> NativeTokenizer:
     """`load_tokenizer` for a checkpoint already read (by a caller that also needs its step)."""
     config = from_container(checkpoint["hyper_parameters"]["config"])
-    tokenizer = build_tokenizer(config.tokenizer, config.data.image_size, config.data.channels)
-    load_weights(tokenizer, checkpoint, "tokenizer", ema)
+    sizes = {**config_sizes(config.tokenizer, "tokenizer"), "data.channels": config.data.channels,
+             "patches of data.image_size": (config.data.image_size // config.tokenizer.patch_size) ** 2}
+    tokenizer = build_to_fit(lambda: build_tokenizer(config.tokenizer, config.data.image_size, config.data.channels),
+                             sizes, weights_state(checkpoint, "tokenizer", ema), "tokenizer")
     return tokenizer.to(device).eval()
 
 
@@ -221,20 +298,54 @@ def generator_from_checkpoint(
 ) -> Generator:
     """`load_generator` for a checkpoint already read (by a caller that also needs its config and pin)."""
     config = from_container(checkpoint["hyper_parameters"]["config"])
-    generator = build_generator(config.generator, config.data.num_classes)
-    load_weights(generator, checkpoint, "generator", ema)
+    sizes = {**config_sizes(config.generator, "generator"), "data.num_classes": config.data.num_classes}
+    generator = build_to_fit(lambda: build_generator(config.generator, config.data.num_classes), sizes,
+                             weights_state(checkpoint, "generator", ema), "generator")
     return generator.to(device).eval()
 
 
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """The sha256 of an export's weights file as it is on disk: what a pin checks an exported tokenizer by
+    (the checkpoint sha256 in its config.json is a claim anyone can copy)."""
+    export_sha256(folder)  # an export whose weights are not those recorded at export is refused first
+    return bytes_sha256(Path(folder) / WEIGHTS_FILE)
+
+
 def tokenizer_pin(path: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
-    """What a generator stores about its tokenizer: the sha256 of the file, and paths that resolve from any
-    working directory (absolute, and relative to the generator's run folder, for a moved tree)."""
+    """What a generator stores about its tokenizer: the sha256 of the file (for an export, of the checkpoint it
+    came from, and `weights_sha256` of its weights' bytes), and paths that resolve from any working directory
+    (absolute, and relative to the generator's run folder, for a moved tree)."""
     absolute = Path(path).resolve()
-    return {
+    pin = {
         "sha256": file_sha256(absolute),
         "path": str(absolute),
         "run_path": os.path.relpath(absolute, Path(run_dir).resolve()),
     }
+    if is_export(absolute):
+        pin["weights_sha256"] = weights_sha256(absolute)
+    return pin
+
+
+def bundled_tokenizer(export: Path, relative: str) -> Path:
+    """The tokenizer a generator's export names (`relative`, from its config.json), refused unless it is inside
+    the export: an export's files never reach outside it."""
+    folder = export.resolve()
+    path = (folder / relative).resolve()
+    if path == folder or folder not in path.parents:
+        raise CheckpointError(f"{export / CONFIG_FILE}: its tokenizer '{relative}' is outside the export; refused "
+                              f"(give the tokenizer with --tokenizer)")
+    return path
+
+
+def pin_matches(pin: dict, path: Path) -> Tuple[bool, str]:
+    """(whether the tokenizer at `path` is the pinned one, the hash compared): a checkpoint file by its bytes'
+    sha256, an export by its weights' bytes against the pin's weights_sha256 (a pin without one, made from a
+    checkpoint file, cannot vouch for an export)."""
+    if not is_export(path):
+        found = bytes_sha256(path)
+        return found == pin["sha256"], f"sha256 {found[:12]}"
+    found = weights_sha256(path)
+    return found == pin.get("weights_sha256"), f"weights sha256 {found[:12]}"
 
 
 def run_folder(checkpoint_path: str | os.PathLike) -> Path:
@@ -251,15 +362,17 @@ def pinned_tokenizer(
     mismatch_ok: bool = False,
 ) -> Tuple[Path, str]:
     """(path, sha256) of the tokenizer a generator decodes with: `tokenizer_path` if given, else the pinned
-    file, found by its absolute path or relative to the generator's run folder. A file whose sha256 is not
-    the pinned one (a retrained tokenizer at the same path) is refused unless `mismatch_ok`."""
+    file, found by its absolute path or relative to the generator's run folder (for an export: only the
+    tokenizer bundled inside it). A tokenizer whose bytes are not the pinned ones (a retrained tokenizer at
+    the same path, another export claiming the pinned sha256) is refused unless `mismatch_ok`."""
     pin = checkpoint.get("nativetok", {}).get("tokenizer")
+    export = Path(generator_path).is_dir()
     if tokenizer_path:
         candidates = [Path(tokenizer_path)]
+    elif export:
+        candidates = [bundled_tokenizer(Path(generator_path), pin["run_path"] if pin else TOKENIZER_FOLDER)]
     elif pin:
         candidates = [Path(pin["path"]), run_folder(generator_path) / pin["run_path"]]
-        if Path(generator_path).is_dir():  # an export: the tokenizer bundled in it first
-            candidates.reverse()
     else:  # trained before generators pinned their tokenizer: the configured path, as it was
         candidates = [Path(from_container(checkpoint["hyper_parameters"]["config"]).generator.tokenizer)]
     found = [c for c in dict.fromkeys(c.resolve() for c in candidates) if c.is_file() or is_export(c)]
@@ -268,22 +381,26 @@ def pinned_tokenizer(
             f"the tokenizer of generator {generator_path} is not found (looked at {', '.join(map(str, candidates))}); "
             f"give it with --tokenizer"
         )
-    hashes = {path: file_sha256(path) for path in found}
     if not pin:
         log.warning("generator %s does not pin its tokenizer (trained before pins): decoding with %s, unchecked",
                     generator_path, found[0])
-        return found[0], hashes[found[0]]
-    match = next((path for path, sha in hashes.items() if sha == pin["sha256"]), None)
+        return found[0], file_sha256(found[0])
+    checked = {path: pin_matches(pin, path) for path in found}
+    match = next((path for path, (same, _) in checked.items() if same), None)
     if match is not None:
         return match, pin["sha256"]
+    wanted = f"sha256 {pin['sha256'][:12]}" + (f", weights sha256 {pin['weights_sha256'][:12]}"
+                                                if pin.get("weights_sha256") else "")
     message = (
-        f"tokenizer {found[0]} has sha256 {hashes[found[0]][:12]} but generator {generator_path} was trained with "
-        f"sha256 {pin['sha256'][:12]} ({pin['path']}): its samples would be decoded by another tokenizer"
+        f"tokenizer {found[0]} has {checked[found[0]][1]} but generator {generator_path} was trained with "
+        f"{wanted} ({pin['path']}): its samples would be decoded by another tokenizer"
     )
+    if is_export(found[0]) and not pin.get("weights_sha256"):
+        message += " (an export's weights cannot be checked against a checkpoint file's sha256: give that file)"
     if not mismatch_ok:
         raise CheckpointError(message + "; pass --tokenizer-mismatch-ok to use it anyway")
     log.warning("%s (--tokenizer-mismatch-ok)", message)
-    return found[0], hashes[found[0]]
+    return found[0], file_sha256(found[0])
 
 
 def load_generator_tokenizer(

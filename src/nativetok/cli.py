@@ -35,6 +35,8 @@ def _shard(args: argparse.Namespace) -> None:
             val_labels=args.val_labels,
             devkit_meta=args.devkit_meta,
             force=args.force,
+            seed=args.seed,
+            skip_bad=args.skip_bad,
         )
 
 
@@ -139,7 +141,8 @@ def _compare(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from nativetok.pipelines.export import export
 
-    print(export(args.checkpoint, Path(args.out), tokenizer=args.tokenizer, include_tokenizer=not args.no_tokenizer))
+    print(export(args.checkpoint, Path(args.out), tokenizer=args.tokenizer, include_tokenizer=not args.no_tokenizer,
+                 force=args.force))
 
 
 def _ablate(args: argparse.Namespace) -> None:
@@ -175,7 +178,7 @@ typical tasks (`nativetok <command> --help` for each command's options):
   sample images                  nativetok sample --generator runs/fmnist_tiny_ar/checkpoints/last.ckpt \\
                                    --out runs/samples/fmnist_tiny_ar --cfg 2.0
   rFID / gFID                    nativetok eval-fid --tokenizer runs/fmnist_tiny/checkpoints/last.ckpt \\
-                                   --generator runs/fmnist_tiny_ar/checkpoints/last.ckpt
+                                   --generator runs/fmnist_tiny_ar/checkpoints/last.ckpt --data data/fmnist/index.json
   compare token kinds            nativetok compare --preset default --out runs/compare
   ablate the tokenizer           nativetok ablate --preset hnt --out runs/ablation
   train on SLURM                 nativetok submit imagenet256_nativetok_l32 --nodes 2 --time 2-00:00:00
@@ -239,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--force", action="store_true",
                         help="when --out holds shards made with other settings, delete them and start over "
                              "(same settings always resume)")
+    folder.add_argument("--seed", type=int, default=0,
+                        help="the shuffled order the images are written in (recorded in the manifest)")
+    folder.add_argument("--skip-bad", action="store_true",
+                        help="leave out (and count) images that cannot be decoded; without it the first one stops "
+                             "the run, naming the file")
     shard.set_defaults(func=_shard)
 
     train = commands.add_parser("train", help="train the stage an experiment describes", epilog=experiments,
@@ -298,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--ref-stats", type=Path, default=None,
                      help="gFID against these statistics: a `nativetok ref-stats` .npz or an ADM reference "
                           "batch (.npz with mu/sigma, or arr_0 images)")
-    fid.add_argument("--data", default=None, help="real images' index.json (default: the tokenizer's data)")
+    fid.add_argument("--data", default=None, help="real images' index.json (needed but for gFID with --ref-stats: "
+                                                  "a checkpoint's stored data.index is not read on its own)")
     fid.add_argument("--split", default="val", help="real split for rFID")
     fid.add_argument("--reference-split", default="train", help="real split gFID compares against")
     fid.add_argument("--inception", default=None, help="torch-fidelity InceptionV3 weights (default: converted)")
@@ -324,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokens = commands.add_parser("token-metrics", help="per-position entropies of a tokenizer's tokens (AR model)")
     tokens.add_argument("--generator", required=True, help="an AR stage-2 checkpoint")
-    tokens.add_argument("--data", default=None, help="token shards' index.json (default: the generator's)")
+    tokens.add_argument("--data", default=None, help="token shards' index.json (needed: a checkpoint's stored "
+                                                     "data.index is not read on its own)")
     tokens.add_argument("--split", default="val")
     tokens.add_argument("--out", default="runs/eval/token_metrics")
     tokens.set_defaults(func=_token_metrics)
@@ -373,11 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="a checkpoint as a folder to share: model.safetensors (EMA weights "
                                  "when present), config.json and a README.md model card")
     export.add_argument("checkpoint", help="a tokenizer or generator checkpoint (runs/<name>/checkpoints/last.ckpt)")
-    export.add_argument("out", help="the folder to write (an earlier export there is replaced)")
+    export.add_argument("out", help="the folder to write: new or empty (an earlier export there only with --force)")
     export.add_argument("--tokenizer", default=None,
                         help="generators: the tokenizer to bundle in OUT/tokenizer, sha256 checked against the pin "
                              "(default: the pinned one)")
     export.add_argument("--no-tokenizer", action="store_true", help="generators: do not bundle the tokenizer")
+    export.add_argument("--force", action="store_true",
+                        help="replace an earlier export in OUT (a folder holding anything else is never replaced)")
     export.set_defaults(func=_export)
 
     config = commands.add_parser("config", help="print the resolved, checked config of an experiment",
@@ -406,6 +418,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"nativetok {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"nativetok {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

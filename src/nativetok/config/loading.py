@@ -31,6 +31,7 @@ from nativetok.config.schema import (
     PRECISIONS,
     PROFILERS,
     STRATEGIES,
+    TOKEN_ORDERS,
     TOKENIZER_KINDS,
     TRAINABLE_PARTS,
     WANDB_MODES,
@@ -49,6 +50,9 @@ SAVED_CONFIG = "the config saved in the checkpoint"
 ROOT = Path(__file__).resolve().parents[3]
 # Folders of experiments/ that hold the presets of `nativetok compare` and `ablate`, not config layers.
 NOT_GROUPS = ("ablation", "compare")
+YAML_SUFFIXES = (".yaml", ".yml")
+# Where YAML would start a comment in an override's value: at its start or after a space.
+YAML_COMMENT = re.compile(r"(^|\s)#")
 
 
 class ConfigError(ValueError):
@@ -56,19 +60,22 @@ class ConfigError(ValueError):
 
 
 def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, DictConfig]]:
-    """The file and the files it `extends` (depth first, parents before children) as (source, layer)."""
+    """The file and the files it `extends` (depth first, parents before children) as (source, layer). A file
+    named by `extends` must be a .yaml/.yml file; no error quotes a file's content (it may be any file)."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: `extends` loops back to itself via {' -> '.join(map(str, chain))}")
+    if chain and path.suffix not in YAML_SUFFIXES:
+        raise ConfigError(f"{chain[-1]}: `extends: {path}` is not an experiment file (.yaml or .yml)")
     if not path.is_file():
         where = f" (extended by {chain[-1]})" if chain else ""
         raise ConfigError(f"config file not found: {path}{where}")
     try:
         layer = OmegaConf.load(path)
-    except Exception as error:  # yaml errors carry line numbers: keep them
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    except Exception as error:
+        raise ConfigError(f"{path}: not valid YAML{_yaml_position(error)}") from None
     if not isinstance(layer, DictConfig):
-        raise ConfigError(f"{path}: an experiment file must be a mapping of keys, not a list")
+        raise ConfigError(f"{path}: an experiment file must be a mapping of keys, not {type(layer).__name__}")
     parents = layer.pop("extends", [])
     if isinstance(parents, str):
         parents = [parents]
@@ -76,6 +83,15 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict
     for parent in parents:
         layers += _read_yaml(path.parent / str(parent), chain + (path,))
     return layers + [(str(path), layer)]
+
+
+def _yaml_position(error: Exception) -> str:
+    """Where and what a YAML error is (line, column, the parser's problem), without the snippet of the file that
+    PyYAML's own message quotes."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None)
+    return where + (f": {problem}" if problem else f" ({type(error).__name__})")
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -168,11 +184,24 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"{COMMAND_LINE}: '{item}': `extends` is a key of experiment files; on the command "
                               "line a preset is composed with +group=name, e.g. +trainer=gpu")
         try:
-            parsed.merge_with_dotlist([item])
+            parsed.merge_with_dotlist([_keep_hash(item)])
         except (yaml.YAMLError, OmegaConfBaseException) as error:  # an unclosed [ or {, a broken ${...}
             problem = str(error).splitlines()[0]
             raise ConfigError(f"{COMMAND_LINE}: override '{item}' does not parse: {problem}") from None
     return parsed
+
+
+def _keep_hash(item: str) -> str:
+    """`key=value` with a `#` in the value kept as text: YAML would read it as a comment and cut the value
+    (`run.dir=/x/run #1` would train in /x/run). A quoted value is YAML's to read; in a list or mapping the
+    item holding the `#` must be quoted."""
+    key, value = item.split("=", 1)
+    if not YAML_COMMENT.search(value) or value.lstrip()[:1] in ("'", '"'):
+        return item
+    if value.lstrip()[:1] in ("[", "{"):
+        raise ConfigError(f"{COMMAND_LINE}: override '{item}': '#' here starts a YAML comment that would cut the "
+                          f"value; quote the item that holds it")
+    return f"{key}='{value.replace(chr(39), chr(39) * 2)}'"
 
 
 class LoadedConfig:
@@ -242,16 +271,25 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
 def load_preset(path: str | os.PathLike) -> ComparePreset:
     """A comparison preset (experiments/compare/*.yaml), checked like an experiment."""
     preset = merge_layers(ComparePreset, _read_yaml(Path(path)))
-    choices = ", ".join(TOKENIZER_KINDS)
-    problems = [f"kinds: '{k}' is not one of {choices}" for k in preset.kinds if k not in TOKENIZER_KINDS]
-    if preset.images < 2:
-        problems.append(f"images: needs at least 2 images for FID and KID, got {preset.images}")
+    problems = []
     if not preset.seeds or len(set(preset.seeds)) != len(preset.seeds):
         problems.append(f"seeds: needs distinct seeds, got {list(preset.seeds)}")
-    if not 0 <= preset.prefix_dropout < 1:
-        problems.append(f"prefix_dropout: must be in [0, 1), got {preset.prefix_dropout}")
-    problems += [f"{name}: must be >= 0, got {getattr(preset, name)}" for name in ("reference_images", "prefix_images")
-                 if getattr(preset, name) < 0]
+    if not preset.arms:
+        problems.append("arms: names no arm")
+    for name, arm in preset.arms.items():
+        if arm.tokenizer not in preset.tokenizers:
+            problems.append(f"arms.{name}.tokenizer: '{arm.tokenizer}' is not one of the tokenizers "
+                            f"{sorted(preset.tokenizers)}")
+        if arm.order not in TOKEN_ORDERS:
+            problems.append(f"arms.{name}.order: '{arm.order}' is not one of {', '.join(TOKEN_ORDERS)}")
+    for name, reference in preset.match_parameters.items():
+        if name not in preset.tokenizers or reference not in preset.tokenizers:
+            problems.append(f"match_parameters.{name}: '{name}' and '{reference}' must both be tokenizers")
+    problems += [f"{name}: needs at least 2 images, got {getattr(preset, name)}"
+                 for name in ("generator_images", "selection_images", "evaluation_images", "samples")
+                 if getattr(preset, name) < 2]
+    if preset.inception_images < 0:
+        problems.append(f"inception_images: must be >= 0, got {preset.inception_images}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     return preset
@@ -284,9 +322,17 @@ def to_yaml(config: ExperimentConfig) -> str:
 
 
 def from_container(container: dict) -> ExperimentConfig:
-    """Rebuild a config saved inside a checkpoint (no file, no overrides); a key this version does not know
-    (a checkpoint of another version) is a ConfigError naming it."""
-    return merge_layers(ExperimentConfig, [(SAVED_CONFIG, OmegaConf.create(container))])
+    """Rebuild a config saved inside a checkpoint or an export (no file, no overrides), checked like the command
+    line's (`check_stored_values`): a shared file's config is as untrusted as a typed one. A key this version
+    does not know (a checkpoint of another version) or a value the checks refuse is a ConfigError naming it."""
+    if not isinstance(container, dict):
+        raise ConfigError(f"{SAVED_CONFIG}: not a mapping of keys but {type(container).__name__}")
+    config = merge_layers(ExperimentConfig, [(SAVED_CONFIG, OmegaConf.create(container))])
+    problems = list(check_stored_values(config))
+    if problems:
+        lines = [f"  {key}: {problem}" for key, problem in problems]
+        raise ConfigError(f"{SAVED_CONFIG} is invalid:\n" + "\n".join(lines))
+    return config
 
 
 def to_container(config: ExperimentConfig) -> dict:
@@ -554,6 +600,7 @@ def check_generator(c: ExperimentConfig) -> Check:
     if not 0.0 <= g.class_dropout < 1.0:
         yield "generator.class_dropout", f"is a probability below 1, got {g.class_dropout}"
     yield from _choice("generator.mask_schedule", g.mask_schedule, MASK_SCHEDULES)
+    yield from _choice("generator.token_order", g.token_order, TOKEN_ORDERS)
     if not g.tokenizer:
         yield "generator.tokenizer", "must name the stage-1 checkpoint that made the tokens"
 
@@ -587,6 +634,16 @@ def check_values(c: ExperimentConfig) -> Check:
         yield "stage", f"must be one of {', '.join(STAGE_CHECKS)}; got '{c.stage}'"
         return
     yield from _finite_first(check_finite(c), (check(c) for check in STAGE_CHECKS[c.stage]))
+
+
+def check_stored_values(c: ExperimentConfig) -> Check:
+    """`check_values` for a config read from a checkpoint or export: every check but those of where the run was
+    and the hardware it ran on (run.*, trainer.*), which describe another machine, not this one's limits."""
+    if c.stage not in STAGE_CHECKS:
+        yield "stage", f"must be one of {', '.join(STAGE_CHECKS)}; got '{c.stage}'"
+        return
+    checks = [check for check in STAGE_CHECKS[c.stage] if check not in (check_run, check_trainer)]
+    yield from _finite_first(check_finite(c), (check(c) for check in checks))
 
 
 def check_sampling_options(values: Mapping[str, Any], options: Mapping[str, str]) -> None:

@@ -16,6 +16,7 @@ GeneratorKind = Literal["ar", "maskgit"]
 MaskSchedule = Literal["cosine", "arccos", "linear"]
 GuidanceSchedule = Literal["constant", "linear"]
 GrowthInit = Literal["copy_last", "fresh"]
+TokenOrder = Literal["forward", "reversed", "permuted"]
 PixelLoss = Literal["l1", "l2"]
 TrainablePart = Literal["all", "mit", "old_experts", "codebook", "decoder"]
 Precision = Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"]
@@ -35,6 +36,7 @@ GENERATOR_KINDS = choices(GeneratorKind)
 MASK_SCHEDULES = choices(MaskSchedule)
 GUIDANCE_SCHEDULES = choices(GuidanceSchedule)
 GROWTH_INITS = choices(GrowthInit)
+TOKEN_ORDERS = choices(TokenOrder)
 PIXEL_LOSSES = choices(PixelLoss)
 TRAINABLE_PARTS = choices(TrainablePart)
 PRECISIONS = choices(Precision)
@@ -78,6 +80,10 @@ class DataConfig:
     hflip: bool = True
     # A corrupt shard or an undecodable sample is skipped and counted, or stops the run when strict.
     strict: bool = False
+    # Run `pipe:` commands named by train_shards, val_shards or index (a shell command per shard). Only from
+    # your experiment file or command line: a checkpoint's or export's stored config never enables it, and an
+    # index.json never names a command.
+    allow_pipes: bool = False
 
 
 @dataclass
@@ -252,6 +258,11 @@ class GeneratorConfig:
     # Probability of training with the null class (what classifier-free guidance needs).
     class_dropout: float = 0.1
     mask_schedule: str = "cosine"  # maskgit: cosine, arccos or linear
+    # The order in which the generator sees each token sequence: forward (the tokenizer's), reversed, or one
+    # fixed random permutation drawn with order_seed. Samples come back in the tokenizer's order; the order
+    # controls of `nativetok compare` (same tokens, same decoder, only the order differs) use it.
+    token_order: str = "forward"
+    order_seed: int = 0
 
 
 @dataclass
@@ -294,33 +305,47 @@ class ExperimentConfig:
 
 
 @dataclass
+class StudyArm:
+    """One arm of `nativetok compare`: which tokenizer's tokens, in which order, the generator learns."""
+
+    # A key of the preset's `tokenizers`; arms naming the same one share its run and its token shards.
+    tokenizer: str = "nativetok"
+    # generator.token_order: forward, reversed or permuted (with the preset's order_seed).
+    order: str = "forward"
+
+
+@dataclass
 class ComparePreset:
-    """`nativetok compare`: which experiments to run for each tokenizer kind, and how long."""
+    """`nativetok compare`: the token-order study of docs/study.md: tokenizers, arms, seeds and measurements."""
 
     # Paths relative to the preset file.
     tokenizer_experiment: str = "../fmnist_tiny.yaml"
     generator_experiment: str = "../fmnist_tiny_ar.yaml"
-    kinds: List[str] = field(default_factory=lambda: ["nativetok", "parallel", "causal_mask"])
-    # Every row is trained and measured once per seed; tables report mean ± sd over them.
+    # Seed s gives every arm the same tokenizer initialisation and data order, generator initialisation and
+    # data order, and sampling seed: differences are paired by seed.
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
-    # Give each baseline the MIT depth that brings its parameter count closest to NativeTok's.
-    match_parameters: bool = True
-    # Images for rFID/gFID and KID (at least 2,048 for FID that is not dominated by its bias).
-    images: int = 5000
-    # gFID's reference: a seeded class-balanced subset of this many training images (0: all of them).
-    reference_images: int = 10000
-    # Every kind runs the paper's setup (no prefix dropout); this adds a NativeTok row with
-    # decoder.random_prefix at this value (0: no such row).
-    prefix_dropout: float = 0.25
-    # Validation images for the prefix curve (PSNR and, with prefix_fid, FID from the first k tokens).
-    prefix_images: int = 1000
-    prefix_fid: bool = True
-    # key=value overrides: for every tokenizer, for one kind, and for every generator.
+    # key=value overrides for every tokenizer and every generator.
     tokenizer: List[str] = field(default_factory=list)
-    nativetok: List[str] = field(default_factory=list)
-    parallel: List[str] = field(default_factory=list)
-    causal_mask: List[str] = field(default_factory=list)
     generator: List[str] = field(default_factory=list)
+    # Tokenizer name -> its own overrides.
+    tokenizers: Dict[str, List[str]] = field(default_factory=dict)
+    # Tokenizer name -> the tokenizer whose parameter count it matches by its MIT depth.
+    match_parameters: Dict[str, str] = field(default_factory=dict)
+    # Arm name -> tokenizer and order. The decision rule reads the arms nativetok, parallel, reversed, permuted.
+    arms: Dict[str, StudyArm] = field(default_factory=dict)
+    # The one fixed permutation of the `permuted` order, the same for every seed.
+    order_seed: int = 1234
+    # Class-balanced subsets, drawn once with subset_seed: training images the generators learn from; the
+    # test split halved into a selection half (generator validation NLL, checkpoint choice, token statistics)
+    # and an evaluation half (the references of every FD).
+    subset_seed: int = 0
+    generator_images: int = 30000
+    selection_images: int = 5000
+    evaluation_images: int = 5000
+    # Generated images per arm and seed (class-balanced).
+    samples: int = 5000
+    # Inception FID of the samples against the evaluation half on this many images (0: not measured).
+    inception_images: int = 0
 
 
 @dataclass

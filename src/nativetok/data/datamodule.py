@@ -13,7 +13,7 @@ import torch
 from braceexpand import braceexpand
 
 from nativetok.config.schema import DataConfig
-from nativetok.data.shards import DatasetIndex, is_url
+from nativetok.data.shards import ALLOW_PIPES_HINT, DatasetIndex, is_pipe, is_url
 from nativetok.data.stream import (
     DataError,
     EpochLoader,
@@ -30,14 +30,19 @@ log = logging.getLogger(__name__)
 
 
 class ShardsDataModule(pl.LightningDataModule):
-    """Shard discovery, rank-aware streams and loaders; subclasses say how a sample decodes."""
+    """Shard discovery, rank-aware streams and loaders; subclasses say how a sample decodes and what their
+    index must hold (`HOLDS`: an index of the other kind is refused by `check_index`)."""
+
+    HOLDS = "images"
 
     def __init__(self, config: DataConfig, seed: int = 0):
         super().__init__()
         self.config = config
         self.seed = seed
         self.skips = SkipCounts()
-        self.index: Optional[DatasetIndex] = DatasetIndex.load(config.index) if config.index else None
+        self.index: Optional[DatasetIndex] = (
+            DatasetIndex.load(config.index, allow_pipes=config.allow_pipes) if config.index else None
+        )
         self._streams: dict = {}
 
     # -- what there is to read -------------------------------------------------------------------
@@ -58,6 +63,9 @@ class ShardsDataModule(pl.LightningDataModule):
         if pattern:
             urls = list(braceexpand(pattern))
             source = f"pattern '{pattern}'"
+            if any(map(is_pipe, urls)) and not self.config.allow_pipes:
+                side = "train" if train else "val"
+                raise DataError(f"data.{side}_shards '{pattern}' runs a pipe: command per shard; {ALLOW_PIPES_HINT}")
         else:
             side, split = ("train" if train else "val"), self._split_name(train)
             if self.index is None:
@@ -69,7 +77,8 @@ class ShardsDataModule(pl.LightningDataModule):
                 )
             urls = self.index.shard_paths(split)
             source = f"split '{split}' of {self.config.index}"
-        specs = [ShardSpec(url, known.get(_where(url))) for url in urls]
+        specs = [ShardSpec(url, known.get(_where(url)), pipe_allowed=bool(pattern) and self.config.allow_pipes)
+                 for url in urls]
         remote = sum(is_url(s.url) for s in specs)
         if remote:
             log.info("%d of %d shards of %s are URLs or commands: checked as they are read", remote, len(specs), source)
@@ -89,6 +98,7 @@ class ShardsDataModule(pl.LightningDataModule):
     def check_index(self) -> None:
         if self.index is None:
             return
+        self.index.require(self.HOLDS)
         c = self.config
         if self.index.channels != c.channels:
             raise DataError(f"data.channels is {c.channels} but {c.index} holds {self.index.channels}-channel images")
@@ -208,6 +218,8 @@ class TokenShardsDataModule(ShardsDataModule):
     tokenizer are refused before training starts.
     """
 
+    HOLDS = "tokens"
+
     def __init__(self, config: DataConfig, codebook_size: int, num_tokens: int, seed: int = 0):
         super().__init__(config, seed)
         self.expected = {"codebook_size": codebook_size, "num_tokens": num_tokens}
@@ -215,8 +227,6 @@ class TokenShardsDataModule(ShardsDataModule):
     def check_index(self) -> None:
         super().check_index()
         found = (self.index.tokens or {}) if self.index is not None else {}
-        if self.index is not None and not found:
-            raise DataError(f"{self.config.index} indexes image shards, not token shards (run `nativetok tokenize`)")
         for key, value in self.expected.items():
             if key in found and found[key] != value:
                 raise DataError(

@@ -4,17 +4,24 @@ A split is either class folders, or (ImageNet's validation set) a flat folder of
 file: Kaggle's `LOC_val_solution.csv`, a two-column `<file> <class>` text file, or the devkit's
 `ILSVRC2012_validation_ground_truth.txt` with the devkit's `meta.mat`.
 
-Shard k always holds the same slice of the sorted file list, so shards can be written by parallel
-worker processes and a re-run skips shards that are already complete (only a finished shard has its
-final name). The folder's manifest names what decides the shards (file list, classes, size, format,
-channels, shard size): a re-run with other values is refused, or starts over with `force`, never mixed
-in. A final pass counts the samples of every shard against the plan.
+A split's files are written in a seeded shuffled order (the seed is in the manifest): in the sorted order
+each shard would hold about one class, and a training batch drawn through a shuffle buffer, or the first N
+images of an evaluation, only a handful of classes. Shard k always holds the same slice of that order, so
+shards can be written by parallel worker processes and a re-run skips shards that are already complete
+(only a finished shard has its final name). The folder's manifest names what decides the shards (file
+list, classes, size, format, channels, shard size, order seed): a re-run with other values is refused, or
+starts over with `force`, never mixed in. A final pass counts the samples of every shard against the plan.
+
+An image that cannot be decoded stops the run with its file named, or with `skip_bad` is left out and
+counted. 16-bit images are scaled to 8 bits. Ctrl-C stops the workers at once and leaves no partial shard.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import random
+import signal
+from multiprocessing import Pool
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -40,7 +47,12 @@ from nativetok.data.transforms import crop_square, resize_short_side
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+WIDE_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # PIL's modes of 16-bit grey PNGs
 Item = Tuple[str, int]  # (image path, class index)
+
+
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded (truncated, corrupt, not an image); the message names the file."""
 
 
 def read_classes(root: Path, splits: Sequence[str], classes_file: Optional[Path]) -> List[str]:
@@ -112,49 +124,102 @@ def list_split(
     return items
 
 
+def eight_bit(image: Image.Image, mode: str) -> Image.Image:
+    """`image` in `mode` ("L" or "RGB"); 16-bit grey scaled to 8 bits (PIL's conversion would clip it to white)."""
+    if image.mode in WIDE_GREY_MODES:
+        pixels = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    return image.convert(mode)
+
+
 def _sample(path: str, label: int, key: str, size: int, fmt: str, mode: str) -> dict:
     if fmt == "original":
         suffix = Path(path).suffix.lower().lstrip(".").replace("jpeg", "jpg")
         return {"__key__": key, suffix: Path(path).read_bytes(), "cls": str(label).encode()}
-    with Image.open(path) as image:
-        image = crop_square(resize_short_side(image.convert(mode), size), size)
-        return {"__key__": key, fmt: encode_image(np.asarray(image), fmt), "cls": str(label).encode()}
+    try:
+        with Image.open(path) as image:
+            image = crop_square(resize_short_side(eight_bit(image, mode), size), size)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # PIL's truncated and unknown files
+        raise UnreadableImage(f"cannot decode image {path}: {error}") from None
+    return {"__key__": key, fmt: encode_image(np.asarray(image), fmt), "cls": str(label).encode()}
 
 
-def _write_one(job) -> Tuple[str, int]:
-    path, items, start, split, size, fmt, mode = job
-    samples = (
-        _sample(p, label, f"{split}{start + i:08d}", size, fmt, mode) for i, (p, label) in enumerate(items)
-    )
-    return str(path), write_shard(Path(path), samples)
+def _samples(items: List[Item], start: int, split: str, encoding: Tuple[int, str, str], skipped: Optional[List[str]]):
+    """The shard's samples; an unreadable image is an error, or with a `skipped` list recorded there and left out."""
+    for i, (path, label) in enumerate(items):
+        try:
+            yield _sample(path, label, f"{split}{start + i:08d}", *encoding)
+        except UnreadableImage as error:
+            if skipped is None:
+                raise
+            skipped.append(str(error))
+
+
+def _write_one(job) -> List[str]:
+    """A worker's shard; the messages of the images it skipped."""
+    path, items, start, split, encoding, skip_bad = job
+    skipped: Optional[List[str]] = [] if skip_bad else None
+    write_shard(Path(path), _samples(items, start, split, encoding, skipped))
+    return skipped or []
+
+
+def _ignore_ctrl_c() -> None:
+    """Workers leave Ctrl-C to the main process, which stops them all at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_jobs(jobs: list, workers: int, description: str) -> List[str]:
+    """Write the shards of `jobs` in worker processes; the messages of every image skipped. On Ctrl-C (or a
+    worker's error) the workers are killed and their partial shards removed before the exception goes on."""
+    skipped: List[str] = []
+    with Pool(max(1, workers), initializer=_ignore_ctrl_c) as pool:
+        try:
+            for messages in tqdm(pool.imap_unordered(_write_one, jobs), total=len(jobs), desc=description,
+                                 unit="shard"):
+                skipped += messages
+        except BaseException:
+            pool.terminate()
+            pool.join()
+            for job in jobs:
+                Path(str(job[0]) + ".tmp").unlink(missing_ok=True)
+            raise
+    return skipped
 
 
 def _write_split(out: Path, name: str, split: str, items: List[Item], per_shard: int, workers: int,
-                 encoding: Tuple[int, str, str]) -> SplitIndex:
-    """Write the missing shards of one split in parallel workers, then count every shard against the plan."""
+                 encoding: Tuple[int, str, str], skip_bad: bool) -> SplitIndex:
+    """Write the missing shards of one split in parallel workers, then count every shard against the plan
+    (with `skip_bad` a shard may hold fewer: its skipped images)."""
     ranges = plan_shards(len(items), per_shard)
     jobs = []
     for number, rows in enumerate(ranges):
         path = out / shard_name(name, split, number)
         if not path.is_file():
-            jobs.append((path, items[rows.start : rows.stop], rows.start, split, *encoding))
+            jobs.append((path, items[rows.start : rows.stop], rows.start, split, encoding, skip_bad))
     log.info("%s/%s: %d images, %d shards, %d to write", name, split, len(items), len(ranges), len(jobs))
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        futures = [pool.submit(_write_one, job) for job in jobs]
-        for future in tqdm(as_completed(futures), total=len(futures), desc=f"{name} {split}", unit="shard"):
-            future.result()
+    for message in _run_jobs(jobs, workers, f"{name} {split}"):
+        log.warning("skipped: %s", message)
     entries = []
     for number, rows in enumerate(ranges):
         file = shard_name(name, split, number)
         found = count_samples(out / file)
-        if found != len(rows):
-            raise RuntimeError(f"{out / file}: holds {found} samples, the plan says {len(rows)}")
+        if found > len(rows) or (found < len(rows) and not skip_bad):
+            raise RuntimeError(f"{out / file}: holds {found} samples, the plan says {len(rows)} (a shard written "
+                               f"with --skip-bad holds fewer: run with --skip-bad again)")
         entries.append(ShardEntry(file, found))
     index = SplitIndex(entries)
-    if index.samples != len(items):
-        raise RuntimeError(f"{name}/{split}: shards hold {index.samples} samples, found {len(items)}")
-    log.info("%s/%s: checked %d samples in %d shards", name, split, len(items), len(entries))
+    if index.samples < len(items):
+        log.warning("%s/%s: skipped %d undecodable images of %d (--skip-bad)", name, split,
+                    len(items) - index.samples, len(items))
+    log.info("%s/%s: checked %d samples in %d shards", name, split, index.samples, len(entries))
     return index
+
+
+def shuffled(items: List[Item], seed: int) -> List[Item]:
+    """The items in the order `seed` gives them (a copy: the sorted list stays what the manifest hashes)."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def shard_folder(
@@ -171,12 +236,16 @@ def shard_folder(
     val_labels: Optional[Path] = None,
     devkit_meta: Optional[Path] = None,
     force: bool = False,
+    seed: int = 0,
+    skip_bad: bool = False,
 ) -> DatasetIndex:
     """Write `<out>/<name>-<split>-NNNNNN.tar` for each split and `<out>/index.json`.
 
     `root` is the folder holding the splits, or an ILSVRC folder (its Data/CLS-LOC is used). A split
     that is a flat folder takes its labels from `val_labels` (and the devkit's `devkit_meta`). `out`
-    holding shards made with other settings is refused, or with `force` emptied of them first.
+    holding shards made with other settings is refused, or with `force` emptied of them first. Each split
+    is written in the order `seed` shuffles it to; `skip_bad` leaves undecodable images out (and counts them)
+    instead of stopping at the first.
     """
     if fmt not in ("png", "jpg", "original"):
         raise ValueError(f"format must be png, jpg or original, got '{fmt}'")
@@ -199,9 +268,11 @@ def shard_folder(
         "format": fmt,
         "channels": channels,
         "per_shard": per_shard,
+        "order_seed": seed,
     })
     claim_folder(out, manifest, name, force)
-    index_splits = {split: _write_split(out, name, split, items, per_shard, workers, (size, fmt, mode))
+    index_splits = {split: _write_split(out, name, split, shuffled(items, seed), per_shard, workers,
+                                        (size, fmt, mode), skip_bad)
                     for split, items in listed.items()}
     stored_size = 0 if fmt == "original" else size
     index = DatasetIndex(

@@ -4,8 +4,12 @@ A shard is `<name>-<split>-NNNNNN.tar`; it appears under its final name only whe
 written to a temporary name and renamed), so a killed writer never leaves a half shard that looks whole.
 The index (`index.json` beside the shards) lists each split's shards with their sample counts, the
 class names and the image size: the DataModule reads it to split work exactly across ranks. A shard
-name in the index is a path relative to the index's location (its folder, or the URL it was read from),
-unless the index sets a `base` or the name is itself a URL or a `pipe:` command (see data/README.md).
+name in the index is a plain relative path under the index's location (its folder, or the URL it was read
+from), or under the http(s) URL or subfolder its `base` declares (see data/README.md). An index is data a
+user may have downloaded: one that names a `pipe:` command, an absolute path, a URL of its own, a `..`, or a
+character a shell or a URL gives a meaning to is refused, naming the file. A `pipe:` command runs only from
+the user's own `data.train_shards` / `data.val_shards` patterns or `data.index`, with
+`data.allow_pipes=true` in their experiment or on the command line (`open_location`).
 
 A manifest (`manifest.json`) records what made a derived folder: the command and every input that
 decides its contents. A re-run with the same inputs resumes; one with other inputs is refused (or, told
@@ -20,12 +24,14 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Iterable, List, Optional
 from urllib.parse import urljoin, urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 from PIL import Image
@@ -40,10 +46,67 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 # A fixed whole-second mtime: shards become byte-reproducible and need no PAX header per file.
 SHARD_MTIME = 1_700_000_000
+PIPE = "pipe:"
+# What an index may declare as its `base` URL (curl reads them); other schemes run other programs.
+BASE_URL_SCHEMES = ("http", "https")
+# One folder or file name of an index entry: nothing a shell, a URL or curl's globbing gives a meaning to.
+NAME_PART = re.compile(r"[A-Za-z0-9_.+=@,~-]+")
+# A base URL: RFC 3986 characters without the quote, and {} where the name goes.
+SAFE_URL = re.compile(r"[A-Za-z0-9_.~:/?#@!$&()*+,;=%{}-]+")
+ALLOW_PIPES_HINT = ("to read shards through a command, give data.train_shards / data.val_shards (or data.index) "
+                    "yourself and set data.allow_pipes=true in your experiment file or on the command line")
+
+
+class DataError(RuntimeError):
+    """Unreadable data in strict mode, no readable data at all, or data refused before it is read (a command or
+    a path outside its folder named by a data file)."""
 
 
 def shard_name(name: str, split: str, number: int) -> str:
+    """The file name of shard `number`; the dataset name must be one an index may hold (`check_shard_name`)."""
+    if not NAME_PART.fullmatch(name):
+        raise ValueError(f"dataset name {name!r}: use letters, digits and ._-+=@,~ (it names the shard files)")
     return f"{name}-{split}-{number:06d}.tar"
+
+
+def is_pipe(location: str) -> bool:
+    return str(location).startswith(PIPE)
+
+
+def open_location(location: str, allow_pipes: bool):
+    """A shard or index opened with `webdataset.gopen`, where a `pipe:` command runs only when the user opted in."""
+    if is_pipe(location) and not allow_pipes:
+        raise DataError(f"'{location}' is a pipe: command, which runs only on request: {ALLOW_PIPES_HINT}")
+    from webdataset.gopen import gopen
+
+    return gopen(location, "rb")
+
+
+def check_shard_name(name: str, index: str) -> None:
+    """A shard entry of the index at `index` must stay under the index's location: a relative name of safe parts."""
+    if is_pipe(name):
+        raise DataError(f"{index}: shard '{name}' is a pipe: command; an index never runs one ({ALLOW_PIPES_HINT})")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") or not NAME_PART.fullmatch(part) for part in parts):
+        raise DataError(
+            f"{index}: shard name {name!r} is refused: an index names its shards by relative paths inside its own "
+            f"folder (or its base URL) of letters, digits and ._-+=@,~ (no '..', absolute path, URL or command)"
+        )
+
+
+def check_base(base: str, index: str) -> None:
+    """An index's `base`: an http(s) URL without quotes or spaces, or a subfolder of the index's folder."""
+    if is_pipe(base):
+        raise DataError(f"{index}: base '{base}' is a pipe: command; an index never runs one ({ALLOW_PIPES_HINT})")
+    if is_url(base):
+        if urlparse(base).scheme not in BASE_URL_SCHEMES or not SAFE_URL.fullmatch(base):
+            raise DataError(f"{index}: base {base!r} is refused: a base URL is http or https, without quotes, "
+                            f"spaces or control characters")
+        return
+    parts = PurePosixPath(base).parts
+    if base.startswith("/") or not parts or any(p == ".." or not NAME_PART.fullmatch(p) for p in parts):
+        raise DataError(f"{index}: base {base!r} is refused: a local base is a subfolder of the index's folder "
+                        f"(relative, no '..')")
 
 
 def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
@@ -110,13 +173,37 @@ class DatasetIndex:
     root: Optional[Path] = None  # folder of a local index; shard files are relative to it
     # The manifest of the run that wrote the shards (absent for shards written without one).
     provenance: Optional[Dict[str, Any]] = None
-    # Where relative shard names are instead: the index's `base` (a folder, a URL, or a `pipe:` command
-    # with {} for the name), else the URL the index was read from.
+    # Where relative shard names are instead: the index's `base` (a subfolder, or an http(s) URL with or
+    # without {} for the name), else the URL the index was read from.
     base: Optional[str] = None
+    location: Optional[str] = None  # the file or URL it was read from, for messages
 
     def shard_paths(self, split: str) -> List[str]:
-        """Where each shard of `split` is read from: a local path, a URL or a `pipe:` command."""
+        """Where each shard of `split` is read from: a local path or a URL, checked (`check_locations`)."""
+        self.check_locations()
         return [resolve_shard(s.file, self.root, self.base) for s in self.split(split).shards]
+
+    def check_locations(self) -> None:
+        """Refuse (DataError naming the index) a dataset name, base or shard name that would run a command or
+        reach outside the index's folder (or its outputs' and caches' folders, which its name names files in)."""
+        where = self.location or f"the index of '{self.name}'"
+        if not NAME_PART.fullmatch(self.name):  # it names token shards and cached statistics
+            raise DataError(f"{where}: dataset name {self.name!r} is refused: use letters, digits and ._-+=@,~")
+        if self.base is not None:
+            check_base(self.base, where)
+        for split in self.splits.values():
+            for entry in split.shards:
+                check_shard_name(entry.file, where)
+
+    def require(self, holds: str) -> "DatasetIndex":
+        """This index, when it holds `holds` ("images" or "tokens"); else a DataError naming the file."""
+        where = self.location or f"the index of '{self.name}'"
+        if holds == "images" and self.tokens:
+            raise DataError(f"{where} indexes token shards (written by `nativetok tokenize`), not images: "
+                            f"give the index.json of image shards (`nativetok shard`)")
+        if holds == "tokens" and not self.tokens:
+            raise DataError(f"{where} indexes image shards, not token shards (run `nativetok tokenize`)")
+        return self
 
     def split(self, split: str) -> SplitIndex:
         if split not in self.splits:  # a user's --split or data.*_split: a clear error, not a KeyError traceback
@@ -152,10 +239,13 @@ class DatasetIndex:
         return write_json(folder / INDEX_NAME, self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "DatasetIndex":
-        """Read an index from a local path, or from a URL or `pipe:` command (through webdataset.gopen)."""
+    def load(cls, path: str | os.PathLike, allow_pipes: bool = False, holds: Optional[str] = None) -> "DatasetIndex":
+        """Read an index from a local path or `file:` URL, a URL, or a `pipe:` command when `allow_pipes` (the
+        user's opt-in); its locations are checked, and with `holds` ("images", "tokens") what it indexes."""
+        if urlparse(str(path)).scheme == "file":
+            path = url2pathname(urlparse(str(path)).path)
         if is_url(str(path)):
-            raw, root, base = _read_remote_json(str(path)), None, _url_folder(str(path))
+            raw, root, base = _read_remote(str(path), allow_pipes), None, _url_folder(str(path))
         else:
             path = Path(path)
             if not path.is_file():
@@ -163,13 +253,14 @@ class DatasetIndex:
                     f"dataset index not found: {path} (image shards: `make data` or `nativetok shard`; "
                     f"token shards: `make tokenize` or `nativetok tokenize`)"
                 )
-            raw, root, base = json.loads(path.read_text()), path.parent, None
+            raw, root, base = path.read_bytes(), path.parent, None
         try:
+            raw = json.loads(raw) if isinstance(raw, bytes) else raw
             splits = {
                 split: SplitIndex([ShardEntry(s["file"], int(s["samples"])) for s in body["shards"]])
                 for split, body in raw["splits"].items()
             }
-            return cls(
+            index = cls(
                 name=raw["name"],
                 image_size=int(raw["image_size"]),
                 channels=int(raw["channels"]),
@@ -180,9 +271,12 @@ class DatasetIndex:
                 root=root,
                 provenance=raw.get("provenance"),
                 base=raw.get("base", base),
+                location=str(path),
             )
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}: not a NativeTok dataset index ({error!r})") from None
+            index.check_locations()
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{path}: not a NativeTok dataset index ({type(error).__name__}: {error})") from None
+        return index.require(holds) if holds else index
 
 
 def is_url(name: str) -> bool:
@@ -192,40 +286,32 @@ def is_url(name: str) -> bool:
 
 
 def resolve_shard(name: str, root: Optional[Path], base: Optional[str]) -> str:
-    """The location of an index's shard entry: a URL or `pipe:` command as it is; else `name` under `base`
-    (substituted for {} in it, joined to a URL, or a folder relative to the index's); else in `root`."""
-    if is_url(name):
-        return name
+    """The location of an index's shard entry (checked by `check_locations`): `name` under `base` (substituted
+    for {} in a URL, joined to a URL, or under a subfolder of the index's); else in `root`."""
     if base is None:
         if root is None:
             raise ValueError(f"shard '{name}' is relative, but its index was read through a pipe: give it a 'base'")
         return str(root / name)
     if "{}" in base:
         return base.replace("{}", name)
-    if base.startswith("pipe:"):
-        raise ValueError(f"index base '{base}' is a pipe: command without {{}} where the shard name goes")
     if is_url(base):
         return urljoin(base if base.endswith("/") else base + "/", name)
-    return str((root or Path()) / base / name)
+    if root is None:
+        raise ValueError(f"base '{base}' is a local folder, but its index was not read from a local file")
+    return str(root / base / name)
 
 
 def _url_folder(url: str) -> Optional[str]:
     """The folder of an index read from a URL, where its relative shard names are; None for a `pipe:` command."""
-    return None if url.startswith("pipe:") else urljoin(url, ".")
+    return None if is_pipe(url) else urljoin(url, ".")
 
 
-def _read_remote_json(url: str) -> dict:
-    from webdataset.gopen import gopen
-
+def _read_remote(url: str, allow_pipes: bool) -> bytes:
     try:
-        with gopen(url, "rb") as stream:
-            data = stream.read()
+        with open_location(url, allow_pipes) as stream:
+            return stream.read()
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"dataset index not readable: {url} ({error})") from error
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{url}: not a NativeTok dataset index ({error})") from None
 
 
 def write_json(path: Path, body: dict) -> Path:

@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
+from nativetok.data.shards import DataError, open_location
+
 log = logging.getLogger(__name__)
 
 Decode = Callable[[dict, random.Random], dict]
@@ -34,6 +36,8 @@ class ShardSpec:
     url: str
     samples: Optional[int] = None  # from the index; None when unknown (a brace pattern)
     limit: Optional[int] = None  # read only the first `limit` samples
+    # A `pipe:` command is run only when the user named it and opted in (data.allow_pipes); never from an index.
+    pipe_allowed: bool = False
 
     @property
     def count(self) -> Optional[int]:
@@ -64,10 +68,6 @@ class SkipCounts:
 
     def as_dict(self) -> Dict[str, int]:
         return {"skipped_shards": self.shards, "skipped_samples": self.samples}
-
-
-class DataError(RuntimeError):
-    """Unreadable data in strict mode, or no readable data at all."""
 
 
 @dataclass(frozen=True)
@@ -111,14 +111,14 @@ def read_shard(spec: ShardSpec) -> Iterator[dict]:
     """The raw samples (dicts of bytes by extension, with `__key__`) of one shard, in order.
 
     The shard is opened with `webdataset.gopen`: a local path, a `file:` or http(s) URL (through curl), or
-    a `pipe:` command whose output is the tar. Raises one of SHARD_ERRORS where the shard is missing, the tar
-    is corrupt, the command fails, or it ends short of the samples its index lists (a tar cut off between two
-    files reads as a complete one); the samples read before that point have been yielded.
+    a `pipe:` command whose output is the tar where `spec.pipe_allowed` (else a DataError, never skipped).
+    Raises one of SHARD_ERRORS where the shard is missing, the tar is corrupt, the command fails, or it ends
+    short of the samples its index lists (a tar cut off between two files reads as a complete one); the
+    samples read before that point have been yielded.
     """
-    from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    stream = gopen(spec.url, "rb")
+    stream = open_location(spec.url, spec.pipe_allowed)
     read, complete = 0, False
     try:
         for sample in group_by_keys(tar_file_expander([{"url": spec.url, "stream": stream}])):
@@ -269,7 +269,13 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if not self.train:
             rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-            yield from self._batches(self._samples(self.share(worker, workers), rng), None, partial=True)
+            share, produced = self.share(worker, workers), 0
+            for batch in self._batches(self._samples(share, rng), None, partial=True):
+                produced += 1
+                yield batch
+            if not produced and share.shards and share.count() != 0:  # every shard skipped as unreadable
+                raise DataError(f"rank {self.rank} worker {worker}: no readable validation samples: all "
+                                f"{len(share.shards)} of its shards were skipped (first: {share.shards[0].url})")
             return
         # Batch b of the epoch comes from role b % workers. The DataLoader asks worker 0 first, so after
         # skipping s batches worker w plays role (w + s) % workers: the order is that of an unbroken epoch.

@@ -1,10 +1,12 @@
 """FID, KID and Inception Score through torch-fidelity, on features from offline Inception weights.
 
-Reconstruction FID compares the tokenizer's reconstructions of N validation images with those images.
-Generation FID compares N generator samples with reference statistics as papers compute them: the whole
-training split or a seeded, class-balanced subset of it (every class in proportion, never the first N
-images in shard order), computed once and cached under a content hash; or a given file (`--ref-stats`):
-our own `.npz`, or an ADM reference batch (`mu`/`sigma`, or `arr_0` images). KID (unbiased) is reported
+Every subset evaluated is a seeded, class-balanced one (every class in proportion), never the first N
+images in shard or file order: shards and sample folders are often written class by class. Reconstruction
+FID compares the tokenizer's reconstructions of N such validation images with those images. Generation FID
+compares N generator samples (or N of a sample folder's, by the labels of its manifest) with reference
+statistics as papers compute them: the whole training split or a class-balanced subset of it, computed once
+and cached under a content hash; or a given file (`--ref-stats`): our own `.npz`, or an ADM reference batch
+(`mu`/`sigma`, or `arr_0` images), checked to hold finite Inception pool statistics. KID (unbiased) is reported
 beside FID where the reference keeps features, because it is meaningful at small sample counts; below
 MIN_IMAGES images FID is strongly biased, and a warning says so.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from nativetok.data.shards import DatasetIndex
-from nativetok.data.stream import ShardSpec, ShardStream, limit_samples, read_shard
+from nativetok.data.stream import ShardSpec, ShardStream, read_shard
 from nativetok.data.transforms import ImageDecoder
 from nativetok.eval.inception import (
     InceptionFeatures,
@@ -103,6 +106,9 @@ def score_against(name: str, images: Dict[str, Tensor], reference: "ReferenceSta
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
     stats = fid_features_to_statistics(images["pool"].double().cpu())
+    if reference.mu.shape != stats["mu"].shape:
+        raise ValueError(f"the reference {reference.describe()} has {len(reference.mu)}-d statistics, but {name}'s "
+                         f"features are {len(stats['mu'])}-d")
     fid = fid_statistics_to_metric(stats, {"mu": reference.mu, "sigma": reference.sigma}, verbose=False)
     kid = (kernel_inception_distance(images["pool"], reference.features) if reference.features is not None
            else {"mean": None, "std": None})
@@ -120,15 +126,22 @@ def table(scores: List[Score]) -> str:
 # -- image sources -----------------------------------------------------------------------------------
 
 
-def real_images(index_path: str, split: str, count: int, batch_size: int = 250) -> tuple[Tensor, Tensor]:
-    """The first `count` images (uint8 [N, C, H, W]) and labels of a split, in index order."""
-    index = DatasetIndex.load(index_path)
+def real_images(index_path: str, split: str, count: int, seed: int = 0, batch_size: int = 250
+                ) -> tuple[Tensor, Tensor]:
+    """`count` images (uint8 [N, C, H, W]) of a split and their labels, in index order: the whole split, or a
+    subset chosen by `class_balanced_positions` with `seed` (the first N would be a few classes wherever the
+    shards were written class by class)."""
+    index = DatasetIndex.load(index_path, holds="images")
     specs = [ShardSpec(p, s.samples) for p, s in zip(index.shard_paths(split), index.split(split).shards)]
     available = sum(s.samples for s in specs)
     if count > available:
         raise ValueError(f"{index_path} split '{split}' has {available} images, fewer than the {count} asked for")
+    if count < available:
+        labels = split_labels(index_path, split)
+        positions = class_balanced_positions(labels, count, seed)
+        return images_at(index_path, split, positions), torch.tensor([labels[p] for p in positions])
     decoder = ImageDecoder(index.image_size, index.channels, train=False)
-    stream = ShardStream(limit_samples(specs, count), decoder, batch_size, strict=True)
+    stream = ShardStream(specs, decoder, batch_size, strict=True)
     images, labels = [], []
     for batch in stream:
         images.append(batch["image"])
@@ -136,23 +149,24 @@ def real_images(index_path: str, split: str, count: int, batch_size: int = 250) 
     return torch.cat(images), torch.cat(labels)
 
 
-def folder_images(folder: Path, count: int) -> Tensor:
-    """The first `count` PNG/JPEG images of a folder (or its images/ subfolder), sorted by name; a sample
-    folder written with `--format npz` gives the first `count` of its `samples.npz` (ADM's `arr_0`)."""
-    folder = Path(folder)
+def folder_images(folder: Path, positions: Sequence[int]) -> Tensor:
+    """The PNG/JPEG images at `positions` of a folder (or its images/ subfolder) sorted by name; a sample
+    folder written with `--format npz` gives those of its `samples.npz` (ADM's `arr_0`)."""
+    folder, positions = Path(folder), list(positions)
+    needed = max(positions, default=-1) + 1
     if not (folder / "images").is_dir() and (folder / "samples.npz").is_file():
         with np.load(folder / "samples.npz", allow_pickle=False) as data:
             images = data["arr_0"]
-        if len(images) < count:
-            raise ValueError(f"{folder}/samples.npz holds {len(images)} images, fewer than the {count} needed")
-        return torch.from_numpy(np.ascontiguousarray(images[:count].transpose(0, 3, 1, 2)))
+        if len(images) < needed:
+            raise ValueError(f"{folder}/samples.npz holds {len(images)} images, fewer than the {needed} needed")
+        return torch.from_numpy(np.ascontiguousarray(images[positions].transpose(0, 3, 1, 2)))
     if (folder / "images").is_dir():
         folder = folder / "images"
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if len(files) < count:
-        raise ValueError(f"{folder} holds {len(files)} images, fewer than the {count} needed")
+    if len(files) < needed:
+        raise ValueError(f"{folder} holds {len(files)} images, fewer than the {needed} needed")
     arrays, sizes = [], {}
-    for path in files[:count]:
+    for path in (files[p] for p in positions):
         with Image.open(path) as image:
             array = np.array(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
         sizes.setdefault(array.shape[:2], path.name)
@@ -167,15 +181,17 @@ def folder_images(folder: Path, count: int) -> Tensor:
 
 
 def real_features(
-    index_path: str, split: str, count: int, extractor: InceptionFeatures, cache: Optional[Path] = None
+    index_path: str, split: str, count: int, extractor: InceptionFeatures, cache: Optional[Path] = None, seed: int = 0
 ) -> Dict[str, Tensor]:
-    """Inception features of a real split, computed once per (dataset, split, size, count, weights)."""
-    index = DatasetIndex.load(index_path)
+    """Inception features of `real_images(index_path, split, count, seed)`, computed once per (dataset, split,
+    size, count, subset seed, weights)."""
+    index = DatasetIndex.load(index_path, holds="images")
     shards = [(e.file, e.samples) for e in index.split(split).shards]
     identity = {
         "dataset": index.name, "index": str(Path(index_path).resolve()), "split": split, "count": count,
         "image_size": index.image_size, "channels": index.channels, "shards": shards,
         "weights": extractor.weights.label, "weights_file": str(extractor.weights.path),
+        "seed": seed if count < index.split(split).samples else None,
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     folder = (cache or cache_dir()) / "real-stats"
@@ -183,7 +199,7 @@ def real_features(
     cached = _cached_features(path, count) if path.is_file() else None
     if cached is not None:
         return cached
-    images, _ = real_images(index_path, split, count)
+    images, _ = real_images(index_path, split, count, seed)
     features = extractor(images)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as file:
@@ -210,6 +226,7 @@ def _cached_features(path: Path, count: int) -> Optional[Dict[str, Tensor]]:
 
 # -- gFID reference statistics ----------------------------------------------------------------------------
 
+POOL_FEATURES = 2048  # Inception's pool features: what every statistic here is of
 MIN_IMAGES = 2048  # below this, FID's bias dominates differences between models (and 2048 > feature dim)
 KID_FEATURES = 10000  # features a reference keeps for KID (a seeded subset when it has more)
 
@@ -252,8 +269,11 @@ class ReferenceStats:
                 count = int(data["count"]) if "count" in keys else 0
                 source = str(data["source"]) if "source" in keys else f"reference statistics {Path(path).name}"
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-                if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-                    raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+                if mu.shape != (POOL_FEATURES,) or sigma.shape != (POOL_FEATURES, POOL_FEATURES):
+                    raise ValueError(f"{path}: mu must be [{POOL_FEATURES}] and sigma [{POOL_FEATURES}, "
+                                     f"{POOL_FEATURES}] (Inception pool features), got {mu.shape} and {sigma.shape}")
+                if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+                    raise ValueError(f"{path}: mu and sigma must be finite, found NaN or infinite values")
                 return cls(mu, sigma, count, source, features)
             if "arr_0" not in keys:
                 raise ValueError(f"{path} holds {sorted(keys)}: expected mu and sigma, or arr_0 (uint8 NHWC images)")
@@ -279,7 +299,7 @@ class ReferenceStats:
 
 def split_labels(index_path: str, split: str) -> List[int]:
     """The label of every sample of a split, in index order (reads the tar members, decodes no image)."""
-    index = DatasetIndex.load(index_path)
+    index = DatasetIndex.load(index_path, holds="images")
     labels: List[int] = []
     for path, shard in zip(index.shard_paths(split), index.split(split).shards):
         labels += [int(sample["cls"]) for sample in read_shard(ShardSpec(path, shard.samples))]
@@ -308,7 +328,7 @@ def class_balanced_positions(labels: Sequence[int], count: int, seed: int) -> Li
 
 def images_at(index_path: str, split: str, positions: Sequence[int]) -> Tensor:
     """The images (uint8 [N, C, H, W]) at the given positions of a split, in position order."""
-    index = DatasetIndex.load(index_path)
+    index = DatasetIndex.load(index_path, holds="images")
     decoder = ImageDecoder(index.image_size, index.channels, train=False)
     wanted, images, position = set(positions), [], 0
     rng = random.Random(0)
@@ -327,7 +347,7 @@ def reference_stats(index_path: str, split: str, count: int, seed: int, extracto
                     cache: Optional[Path] = None) -> ReferenceStats:
     """Statistics of a whole split (`count` 0 or at least its size) or of a seeded class-balanced subset,
     computed once: cached under a hash of the index file's content, split, count, seed and the weights."""
-    index = DatasetIndex.load(index_path)
+    index = DatasetIndex.load(index_path, holds="images")
     available = index.split(split).samples
     whole = count <= 0 or count >= available
     identity = {
@@ -343,13 +363,9 @@ def reference_stats(index_path: str, split: str, count: int, seed: int, extracto
             return stats
         except Exception as error:  # a broken cache entry: rebuilt, never fatal
             log.warning("reference statistics %s are unusable (%s): computing them again", path, first_line(error))
-    if whole:
-        images, _ = real_images(index_path, split, available)
-        source = f"{index.name} {split}, all {available} images"
-    else:
-        positions = class_balanced_positions(split_labels(index_path, split), count, seed)
-        images = images_at(index_path, split, positions)
-        source = f"{index.name} {split}, {count} images class-balanced (seed {seed})"
+    images, _ = real_images(index_path, split, identity["count"], seed)
+    source = (f"{index.name} {split}, all {available} images" if whole
+              else f"{index.name} {split}, {count} images class-balanced (seed {seed})")
     log.info("gFID reference: Inception features of %s", source)
     stats = ReferenceStats.of_features(extractor(images)["pool"], source, seed)
     stats.save(path)
@@ -409,7 +425,7 @@ def evaluate_fid(
 ) -> List[Score]:
     """rFID of a tokenizer and/or gFID of a generator (or a folder of samples); results as JSON and a table.
 
-    The image data defaults to the tokenizer's training data (for a generator: its tokenizer's); `num` and
+    The real images are those of `data`, which the user names (`_named_real_data`); `num` and
     `reference_images` default to the config's `evaluation` section. gFID compares with `ref_stats` when
     given, else with the reference split's statistics (see `reference_stats`). `precision` applies to the
     tokenizer and generator (autocast); Inception always runs in fp32. A generator decodes with the
@@ -422,6 +438,7 @@ def evaluate_fid(
         check_sample_folder(samples)  # before any work: a killed, partial or unknown folder is refused
     if ref_stats is not None and not Path(ref_stats).is_file():
         raise FileNotFoundError(f"reference statistics not found: {ref_stats}")
+    data = _named_real_data(data, tokenizer_path, generator_path, ref_stats)  # before any work
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = inception_weights(inception)  # loaded first: a file that is not plain tensors is refused at once
     extractor = InceptionFeatures(weights, device)
@@ -430,69 +447,94 @@ def evaluate_fid(
     warnings = few_images_warning(num)
     scores: List[Score] = []
     if tokenizer_path:
-        scores.append(_reconstruction_score(tokenizer_path, data, real_split, num, extractor, device, precision))
+        scores.append(_reconstruction_score(tokenizer_path, data, real_split, num, extractor, device, precision,
+                                            seed))
     if generator_path or samples:
         name, generated, index = (
             _generated_images(generator_path, data, num, device, seed, precision, tokenizer_mismatch_ok)
-            if generator_path else _sample_folder_images(samples, tokenizer_path, data, num, ref_stats))
+            if generator_path else _sample_folder_images(samples, data, num, ref_stats, seed))
         reference = (ReferenceStats.load(Path(ref_stats), extractor) if ref_stats is not None
                      else reference_stats(index, reference_split, reference_images, seed=0, extractor=extractor))
         scores.append(score_against(name, extractor(generated), reference, weights))
+    _report(scores, seed, warnings, out)
+    return scores
+
+
+def _report(scores: List[Score], seed: int, warnings: List[str], out: Optional[Path]) -> None:
+    """The table, and the JSON at `out`: a FID that is not a number is an error, never a NaN in the results."""
+    for s in scores:
+        if not math.isfinite(s.fid):
+            raise ValueError(f"{s.name}: FID came out {s.fid} against {s.reference}: degenerate statistics")
     print(table(scores))
     print("\n".join(f"reference of {s.name}: {s.reference}" for s in scores))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result_record(scores, seed, warnings), indent=1) + "\n")
+        with atomic_open(out, "w") as file:  # allow_nan=False: a NaN that got this far is an error, not JSON
+            file.write(json.dumps(result_record(scores, seed, warnings), indent=1, allow_nan=False) + "\n")
         log.info("results -> %s", out)
-    return scores
+
+
+def _named_real_data(data: Optional[str], tokenizer_path: Optional[str], generator_path: Optional[str],
+                     ref_stats: Optional[Path]) -> Optional[str]:
+    """The real images' index, needed for rFID and for gFID without `ref_stats`: the one the user names, never
+    the data.index a checkpoint stored (`checkpoints.named_data`)."""
+    from nativetok.checkpoints import named_data
+
+    if tokenizer_path or (generator_path and ref_stats is None):
+        return named_data(data, tokenizer_path or generator_path)
+    return data
 
 
 def _image_counts(tokenizer_path: Optional[str], generator_path: Optional[str], num: Optional[int],
                   reference_images: Optional[int]) -> Tuple[int, int]:
-    """(images per set, reference images): as given, else the evaluated checkpoint's `evaluation` settings."""
+    """(images per set, reference images): as given, else the evaluated checkpoint's `evaluation` settings. Fewer
+    than 2 images per set is refused here, in our words, rather than by torch-fidelity in its options' names."""
     from nativetok.checkpoints import generator_config, tokenizer_config
 
     settings = (generator_config(generator_path) if generator_path
                 else tokenizer_config(tokenizer_path) if tokenizer_path else None)
     num = num if num is not None else (settings.evaluation.images if settings else 5000)
+    if num < 2:
+        raise ValueError(f"--num {num}: FID and KID need at least 2 images per set (a covariance and a pair)")
     if reference_images is None:
         reference_images = settings.evaluation.reference_images if settings else 10000
     return num, reference_images
 
 
 def _reconstruction_score(tokenizer_path: str, data: Optional[str], split: str, num: int,
-                          extractor: InceptionFeatures, device: str, precision: str) -> Score:
-    """rFID: the tokenizer's reconstructions of the first `num` images of `split` against those images."""
-    from nativetok.checkpoints import load_tokenizer, tokenizer_config
+                          extractor: InceptionFeatures, device: str, precision: str, seed: int) -> Score:
+    """rFID: the tokenizer's reconstructions of `num` class-balanced images of `split` against those images."""
+    from nativetok.checkpoints import load_tokenizer
 
-    index = data or tokenizer_config(tokenizer_path).data.index
     tokenizer = load_tokenizer(tokenizer_path, device)
-    images, _ = real_images(index, split, num)
-    reference = real_features(index, split, num, extractor)
+    images, _ = real_images(data, split, num, seed)
+    reference = real_features(data, split, num, extractor, seed=seed)
     rebuilt = extractor(reconstructions(tokenizer, images, precision=precision))
     return score(f"rFID: reconstructions of {split}", rebuilt, reference, extractor.weights)
 
 
 def _generated_images(generator_path: str, data: Optional[str], num: int, device: str, seed: int, precision: str,
                       tokenizer_mismatch_ok: bool) -> Tuple[str, Tensor, str]:
-    """(set name, `num` class-balanced samples of the generator, the real images' index) for gFID."""
-    from nativetok.checkpoints import generator_config, load_generator, load_generator_tokenizer, tokenizer_config
+    """(set name, `num` class-balanced samples of the generator, the real images' index as given) for gFID."""
+    from nativetok.checkpoints import generator_config, load_generator, load_generator_tokenizer
 
     config = generator_config(generator_path)
-    tokenizer, tokenizer_file = load_generator_tokenizer(generator_path, device, mismatch_ok=tokenizer_mismatch_ok)
-    index = data or tokenizer_config(tokenizer_file).data.index
+    tokenizer, _ = load_generator_tokenizer(generator_path, device, mismatch_ok=tokenizer_mismatch_ok)
     labels = balanced_labels(config.data.num_classes, num)
     generated = generate_images(load_generator(generator_path, device), tokenizer, labels, config.sampling, seed,
                                 batch_size=100, precision=precision)
-    return f"gFID: {num} samples (cfg {config.sampling.cfg_scale})", generated, index
+    return f"gFID: {num} samples (cfg {config.sampling.cfg_scale})", generated, data
 
 
-def _sample_folder_images(samples: Path, tokenizer_path: Optional[str], data: Optional[str], num: int,
-                          ref_stats: Optional[Path]) -> Tuple[str, Tensor, Optional[str]]:
-    """(set name, the first `num` images of a sample folder, the real images' index if known) for gFID."""
-    from nativetok.checkpoints import tokenizer_config
-
-    if data is None and tokenizer_path is None and ref_stats is None:
-        raise ValueError("a sample folder needs --ref-stats, --data (the real images' index) or --tokenizer")
-    index = data or (tokenizer_config(tokenizer_path).data.index if tokenizer_path else None)
-    return f"gFID: {samples}", folder_images(samples, num), index
+def _sample_folder_images(samples: Path, data: Optional[str], num: int, ref_stats: Optional[Path],
+                          seed: int) -> Tuple[str, Tensor, Optional[str]]:
+    """(set name, `num` class-balanced images of a sample folder, the real images' index if known) for gFID.
+    The labels are the manifest's: image n has class `classes[n // per_class]`."""
+    if data is None and ref_stats is None:
+        raise ValueError("a sample folder needs --ref-stats or --data (the real images' index)")
+    settings = check_sample_folder(samples).inputs
+    labels = [c for c in settings["classes"] for _ in range(settings["per_class"])]
+    if num > len(labels):
+        raise ValueError(f"{samples} holds {len(labels)} samples, fewer than the {num} asked for (--num)")
+    positions = class_balanced_positions(labels, num, seed)
+    return f"gFID: {num} of {samples} (class-balanced)", folder_images(samples, positions), data

@@ -198,17 +198,24 @@ def _cached_conversion_problem(target: Path, marker: Path, source_digest: str) -
 class InceptionFeatures:
     """2048-d pool features (and classifier logits when available) of uint8 RGB images, in batches."""
 
-    def __init__(self, weights: InceptionWeights, device: str = "cpu", batch_size: int = 50):
+    def __init__(self, weights: InceptionWeights, device: str = "cpu", batch_size: int = 50,
+                 channels_last: Optional[bool] = None):
+        """`channels_last` (the default on CPU) runs the model and its input in that memory format: measured
+        1.6x faster on 2 cores, with features equal to 1e-5. (bf16 autocast is not offered: it moved features
+        by up to 40% of their mean, too much for FID.)"""
         self.weights = weights
         self.device = device
         self.batch_size = batch_size
+        if channels_last is None:
+            channels_last = torch.device(device).type == "cpu"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.layers: List[str] = ["2048", "logits_unbiased"] if weights.has_classifier else ["2048"]
         self.model = fidelity_inception(self.layers)
         try:
             self.model.load_state_dict(load_inception_state(weights.path))
         except RuntimeError as error:  # missing or unexpected keys, wrong shapes
             raise ValueError(f"{weights.path} does not hold torch-fidelity InceptionV3 weights: {error}") from None
-        self.model.to(device)
+        self.model.to(device, memory_format=self.memory_format)
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Dict[str, Tensor]:
@@ -221,7 +228,7 @@ class InceptionFeatures:
             batch = images[start : start + self.batch_size].to(self.device)
             if batch.shape[1] == 1:
                 batch = batch.expand(-1, 3, -1, -1)
-            features = self.model(batch)
+            features = self.model(batch.contiguous(memory_format=self.memory_format))
             outputs["pool"].append(features[0].double().cpu())
             if self.weights.has_classifier:
                 outputs["logits"].append(features[1].double().cpu())

@@ -77,3 +77,41 @@ def verdict(metric: str, name_a: str, a: Summary, name_b: str, b: Summary, lower
         return f"{metric}: {leader} is better than {other} by {size} (> 2 SE = {bar})."
     seeds = min(a.n, b.n)
     return f"{metric}: no decision between {name_a} and {name_b} (difference {size} ≤ 2 SE = {bar}, {seeds} seeds)."
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """a - b per seed (the same seed gave both arms their data order and initialisation), summarised by the mean
+    and a t-interval with n - 1 degrees of freedom: the test a study's decision rule reads."""
+
+    differences: tuple
+
+    @classmethod
+    def of(cls, a: Sequence[float], b: Sequence[float]) -> "PairedDifference":
+        if len(a) != len(b) or not a:
+            raise ValueError(f"paired differences need the same seeds on both sides, got {len(a)} and {len(b)} values")
+        return cls(tuple(float(x) - float(y) for x, y in zip(a, b)))
+
+    @property
+    def summary(self) -> Summary:
+        return Summary.of(self.differences)
+
+    def interval(self, confidence: float = 0.95) -> tuple:
+        """The two-sided t-interval of the mean difference; (nan, nan) with fewer than 2 seeds."""
+        from scipy.stats import t
+
+        s = self.summary
+        if s.n < 2:
+            return (math.nan, math.nan)
+        half = t.ppf(0.5 + confidence / 2, s.n - 1) * s.standard_error
+        return (s.mean - half, s.mean + half)
+
+    def sign(self, confidence: float = 0.95) -> int:
+        """-1 when the interval lies below 0, +1 above it, 0 when it holds 0 (or cannot be computed)."""
+        low, high = self.interval(confidence)
+        return -1 if high < 0 else 1 if low > 0 else 0
+
+    def text(self, digits: int = 2, confidence: float = 0.95) -> str:
+        low, high = self.interval(confidence)
+        return (f"{self.summary.mean:+.{digits}f} (95% CI {low:+.{digits}f} to {high:+.{digits}f}, "
+                f"{self.summary.n} paired seeds)")

@@ -22,6 +22,17 @@ from torch.utils.data import DataLoader
 from nativetok.models.quantizer import code_counts, statistics_from_counts
 
 
+def sequence_statistics(tokens: Tensor, codebook_size: int) -> Dict[str, float]:
+    """How varied the sequences [N, K] are: the share of adjacent token pairs with the same id (a tokenizer whose
+    experts copy each other repeats ids), the mean count of distinct ids in a sequence, and the share of the
+    codebook in use."""
+    tokens = tokens.long()
+    repeats = (tokens[:, 1:] == tokens[:, :-1]).double().mean().item() if tokens.shape[1] > 1 else 0.0
+    distinct = tokens.sort(dim=1).values.diff(dim=1).ne(0).sum(1).add(1).double().mean().item()
+    return {"adjacent_repeat_rate": repeats, "distinct_ids_per_image": distinct,
+            "codebook_usage": tokens.unique().numel() / codebook_size}
+
+
 def marginal_entropy_bits(tokens: Tensor, codebook_size: int) -> Tensor:
     """Plug-in entropy of each position's code distribution [K], in bits."""
     entropies = []
@@ -74,7 +85,7 @@ def held_out_tokens(index_path: str, split: str = "val") -> tuple[Tensor, Tensor
     from nativetok.data.stream import ShardSpec, ShardStream
     from nativetok.data.tokens import TokenDecoder
 
-    index = DatasetIndex.load(index_path)
+    index = DatasetIndex.load(index_path, holds="tokens")
     specs = [ShardSpec(p, s.samples) for p, s in zip(index.shard_paths(split), index.split(split).shards)]
     tokens, labels = [], []
     stream = ShardStream(specs, TokenDecoder(train=False, flip=False), 1000, strict=True)
@@ -86,13 +97,13 @@ def held_out_tokens(index_path: str, split: str = "val") -> tuple[Tensor, Tensor
 
 def token_metrics(generator_path: str, out: Path, split: str = "val", data: Optional[str] = None) -> Dict:
     """The report for an AR generator on its held-out token shards: JSON and a PNG plot in `out`."""
-    from nativetok.checkpoints import generator_config, load_generator
+    from nativetok.checkpoints import generator_config, load_generator, named_data
     from nativetok.eval.plots import position_curves
 
     config = generator_config(generator_path)
     if config.generator.kind != "ar":
         raise ValueError(f"token metrics need an AR generator; {generator_path} is '{config.generator.kind}'")
-    tokens, labels = held_out_tokens(data or config.data.index, split)
+    tokens, labels = held_out_tokens(named_data(data, generator_path), split)
     report = dependency_report(load_generator(generator_path), tokens, labels, config.generator.codebook_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from nativetok.config.schema import GrowthStage
 
 log = logging.getLogger(__name__)
 
+VALIDATION_LOG = "validation.jsonl"
 MAX_NAME = 24  # characters of a class name shown in a sample grid's label (ImageNet's run long)
 
 
@@ -214,12 +216,32 @@ class DataSkips(pl.Callback):
 
 
 class ValidationSummary(pl.Callback):
-    """One log line of validation metrics per evaluation, so batch-job logs show progress without a bar."""
+    """One log line of validation metrics per evaluation, so batch-job logs show progress without a bar, and
+    the same metrics appended to <run dir>/validation.jsonl, the curve a study reads back (a plateau check).
+    A resumed run appends again: readers keep the last record of each step."""
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        if metrics:
-            shown = ", ".join(f"{k[4:]} {float(v):.4g}" for k, v in sorted(metrics.items()))
-            log.info("validation at step %d: %s", trainer.global_step, shown)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if not metrics:
+            return
+        shown = ", ".join(f"{k[4:]} {v:.4g}" for k, v in sorted(metrics.items()))
+        log.info("validation at step %d: %s", trainer.global_step, shown)
+        if not trainer.fast_dev_run:
+            record = {"step": trainer.global_step, **{k[4:]: v for k, v in sorted(metrics.items())}}
+            with open(Path(trainer.default_root_dir) / VALIDATION_LOG, "a") as file:
+                file.write(json.dumps(record) + "\n")
+
+
+def validation_curve(run_dir: Path) -> List[dict]:
+    """The validation records of a run, one per step (the last written wins), in step order."""
+    path = Path(run_dir) / VALIDATION_LOG
+    if not path.is_file():
+        return []
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["step"]] = record
+    return [records[step] for step in sorted(records)]

@@ -1,13 +1,16 @@
 """`LastCheckpoint`: owns `last.ckpt`, so a run killed or pre-empted at any moment resumes with little lost.
 
-It is written every `trainer.checkpoint_every_n_steps` steps, at the end of training, and when the job is
-told to stop: SIGUSR1 (which SLURM sends before the time limit), SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the
-terminal closed). The signal handler only records the signal; the checkpoint is written between two
-training steps, so it is always consistent, and every rank agrees on the step at which the run stops.
-Under SLURM rank 0 then requeues the job with `scontrol requeue`; the requeued job runs the same command,
-which resumes from `last.ckpt` (`run.resume=auto`). Where `scontrol` does not exist the intended call is
-recorded in `<run>/requeue.log`. The checkpoint before the latest is kept as `previous.ckpt`, the fallback
-when `last.ckpt` is damaged.
+It is written every `trainer.checkpoint_every_n_steps` steps, at the end of training (after the final
+validation, so its best-checkpoint record is current), and when the job is told to stop: SIGUSR1 (which
+SLURM sends before the time limit: `--signal=SIGUSR1@90`), SIGTERM (`scancel`, or the time limit itself),
+SIGINT (Ctrl-C) or SIGHUP (the terminal closed). The signal handler only records the signal; the checkpoint
+is written between two training steps, so it is always consistent, and every rank agrees on the step at
+which the run stops. The run then exits at once, without the validation Lightning would run for a stop
+request: the signal's grace time is short. Only the time-limit signal (`REQUEUE_SIGNAL`) requeues, as in
+Lightning's SLURMEnvironment: under SLURM rank 0 calls `scontrol requeue`, and the requeued job runs the same
+command, which resumes from `last.ckpt` (`run.resume=auto`); a cancelled job (SIGTERM) stays cancelled.
+Where `scontrol` does not exist the intended call is recorded in `<run>/requeue.log`. The checkpoint before
+the latest is kept as `previous.ckpt`, the fallback when `last.ckpt` is damaged.
 
 A second Ctrl-C aborts at once, without a checkpoint. The handlers are installed when training starts,
 after Lightning's own: its SIGTERM handler would end the run at a step boundary without this checkpoint.
@@ -21,7 +24,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Set
 
 import pytorch_lightning as pl
 
@@ -29,7 +32,8 @@ from nativetok.lit.loop import writing_logs
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+REQUEUE_SIGNAL = signal.SIGUSR1  # what the sbatch template asks SLURM to send before the time limit
+SIGNALS = (REQUEUE_SIGNAL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"
 
@@ -63,6 +67,7 @@ class LastCheckpoint(pl.Callback):
         self.every_n_steps = every_n_steps
         self.requeue_record = Path(requeue_record)
         self.received: Optional[int] = None
+        self.signals: Set[int] = set()  # every stop signal received, to tell a time limit from a cancel
         self._previous_handlers: Dict[int, object] = {}
         self._saved_at: Optional[int] = None
 
@@ -74,6 +79,7 @@ class LastCheckpoint(pl.Callback):
             log.warning("received %s: checkpointing at the end of this step (Ctrl-C again aborts at once)",
                         signal.Signals(signum).name)
         self.received = signum
+        self.signals.add(signum)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         for sig in SIGNALS:
@@ -103,9 +109,11 @@ class LastCheckpoint(pl.Callback):
             self.save(trainer)
             log.warning("pre-empted at step %d: checkpoint %s written", trainer.global_step, self.folder / LAST)
             job = slurm_job_id()
-            if job and trainer.is_global_zero:
+            cancelled = job and self._agreed(trainer, bool(self.signals - {REQUEUE_SIGNAL}))  # scancel, Ctrl-C
+            if job and not cancelled and trainer.is_global_zero:
                 requeue(job, self.requeue_record)
             trainer.should_stop = True
+            trainer.limit_val_batches = 0  # a stop request would otherwise validate first, past the grace time
         elif self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.save(trainer)
 
@@ -117,9 +125,18 @@ class LastCheckpoint(pl.Callback):
             return self.received is not None
         if not writing_logs(trainer):
             return False
-        return trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        return self._agreed(trainer, self.received is not None)
+
+    @staticmethod
+    def _agreed(trainer: pl.Trainer, mine: bool) -> bool:
+        """Whether any rank says yes (every rank calls this at the same step)."""
+        return mine if trainer.world_size == 1 else trainer.strategy.reduce_boolean_decision(mine, all=False)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._saved_at == trainer.global_step:  # saved before this validation: its best record is stale
+            self._saved_at = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        # Validation (and with it the best-checkpoint callback) need not fall on the last step.
+        # After the final validation, whichever step it fell on: the best-checkpoint record is current.
         self.save(trainer)
         self._restore_handlers()

@@ -7,7 +7,7 @@ first one's live `last.ckpt` and write checkpoints and TensorBoard files beside 
 earlier run of the same SLURM job left (a requeued job keeps its id, and may land on another node), is
 stale: it is taken over with a warning. A lock from another host cannot be checked and is refused with the
 host named; delete the file when that run is known to be over. Under DDP only rank 0 takes the lock. It is
-released when fit ends, also on an exception.
+released when fit ends, also on an exception. `nativetok tokenize` locks its output folder the same way.
 
 **The config on resume.** A resumed run restores weights, optimizer, scheduler, the growth stage and the
 data position, all of which assume the config they were made with. So the config saved with the checkpoint
@@ -83,10 +83,13 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock(pl.Callback):
-    """`<run_dir>/run.lock`, taken by `acquire` (rank 0 only) and released when fit ends."""
+    """`<run_dir>/run.lock`, taken by `acquire` (rank 0 only) and released when fit ends. `kind` names the
+    runs it keeps apart in messages, `elsewhere` how to run into another folder."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, kind: str = "training run",
+                 elsewhere: str = "train into another folder (run.name)"):
         self.path = Path(run_dir) / LOCK
+        self.kind, self.elsewhere = kind, elsewhere
         self.held = False
 
     def acquire(self) -> None:
@@ -100,7 +103,7 @@ class RunLock(pl.Callback):
             try:
                 self._create()
             except FileExistsError:
-                raise ConfigError(f"run folder {self.path.parent}: another training run took {self.path} "
+                raise ConfigError(f"run folder {self.path.parent}: another {self.kind} took {self.path} "
                                   f"at the same moment") from None
 
     def _create(self) -> None:
@@ -124,14 +127,14 @@ class RunLock(pl.Callback):
             log.warning("taking over %s, left by an earlier run of SLURM job %s (%s)", self.path, job, who)
         elif host != socket.gethostname():
             raise ConfigError(
-                f"run folder {self.path.parent} is locked by a training run on host {host} ({who}); this host "
+                f"run folder {self.path.parent} is locked by a {self.kind} on host {host} ({who}); this host "
                 f"cannot tell whether it still runs. If it does not, delete {self.path} and run again"
             )
         elif pid != os.getpid() and _alive(pid):
             raise ConfigError(
-                f"run folder {self.path.parent} is in use by another training run ({who}; lock {self.path}). "
-                f"Wait for it or stop it, or train into another folder (run.name); if pid {pid} is not "
-                f"training there, delete {self.path}"
+                f"run folder {self.path.parent} is in use by another {self.kind} ({who}; lock {self.path}). "
+                f"Wait for it or stop it, or {self.elsewhere}; if pid {pid} is not running there, delete "
+                f"{self.path}"
             )
         else:
             log.warning("taking over the stale lock %s: %s is no longer running", self.path, who)

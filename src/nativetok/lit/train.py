@@ -28,7 +28,7 @@ from nativetok.config.loading import ConfigError, to_yaml
 from nativetok.config.schema import ExperimentConfig
 from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, remove_staged_leftovers
 from nativetok.lit.console import progress
-from nativetok.lit.preemption import LAST, PREVIOUS, LastCheckpoint
+from nativetok.lit.preemption import LAST, PREVIOUS, REQUEUE_SIGNAL, LastCheckpoint
 from nativetok.lit.run_folder import RunLock, refuse_changed_config
 
 if TYPE_CHECKING:
@@ -119,9 +119,9 @@ def make_profiler(config: ExperimentConfig, run_dir: Path) -> Optional[Profiler]
 
 def cluster_plugins() -> list:
     """Under SLURM, Lightning's SLURM environment (ranks from srun) without its own requeue handler:
-    `LastCheckpoint` checkpoints at a step boundary and requeues."""
+    `LastCheckpoint` checkpoints at a step boundary and requeues on the same signal."""
     if SLURMEnvironment.detect():
-        return [SLURMEnvironment(auto_requeue=False)]
+        return [SLURMEnvironment(auto_requeue=False, requeue_signal=REQUEUE_SIGNAL)]
     return []
 
 

@@ -39,7 +39,7 @@ class ARGenerator(Generator, kind="ar"):
         """Teacher forcing: logits [B, K, V] where position i predicts token i from the class and tokens < i."""
         return self._causal(torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens[:, :-1])], dim=1))
 
-    def loss(
+    def sequence_loss(
         self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
     ) -> tuple[Tensor, Tensor]:
         """Mean cross-entropy (nats per token) and its value at each position [K]; draws nothing (`generator` is

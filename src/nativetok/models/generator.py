@@ -9,17 +9,28 @@ each kind reading from a `SamplingConfig` the settings that apply to it (`sampli
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nativetok.config.schema import GENERATOR_KINDS, GeneratorConfig, GuidanceSchedule, SamplingConfig
+from nativetok.config.loading import check_sampling_options
+from nativetok.config.schema import (
+    GENERATOR_KINDS,
+    TOKEN_ORDERS,
+    GeneratorConfig,
+    GuidanceSchedule,
+    SamplingConfig,
+    TokenOrder,
+)
 from nativetok.models.graphs import Compile
 from nativetok.models.layers import Block, RMSNorm, init_weights
 from nativetok.models.sampling import StepKey
 
+# Settings that `sample` checks as the config and the CLI do (a NaN scale or a top_p of 2 is refused, not run).
+SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingConfig)}
 GENERATORS: Dict[str, Type["Generator"]] = {}  # kind (one of GENERATOR_KINDS) -> class, filled by subclassing
 
 
@@ -49,6 +60,8 @@ class Generator(nn.Module):
         heads: int,
         mlp_ratio: float = 4.0,
         class_dropout: float = 0.1,
+        token_order: TokenOrder = "forward",
+        order_seed: int = 0,
     ):
         super().__init__()
         self.codebook_size, self.num_tokens, self.num_classes = codebook_size, num_tokens, num_classes
@@ -67,11 +80,17 @@ class Generator(nn.Module):
         nn.init.normal_(self.class_embed.weight, std=0.02)
         self._steps: Dict[StepKey, Any] = {}
         self._steps_parameters: Optional[tuple] = None
+        # Derived from the config, so not saved: checkpoints and exports keep their keys.
+        self.token_order = token_order
+        order = generation_order(num_tokens, token_order, order_seed)
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("inverse_order", order.argsort(), persistent=False)
 
     @classmethod
     def from_config(cls, config: GeneratorConfig, num_classes: int) -> "Generator":
         return cls(config.codebook_size, config.num_tokens, num_classes, config.width, config.depth, config.heads,
-                   config.mlp_ratio, config.class_dropout, **cls.config_options(config))
+                   config.mlp_ratio, config.class_dropout, token_order=config.token_order,
+                   order_seed=config.order_seed, **cls.config_options(config))
 
     @classmethod
     def config_options(cls, config: GeneratorConfig) -> Dict[str, Any]:
@@ -99,9 +118,23 @@ class Generator(nn.Module):
     def loss(
         self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
     ) -> Tuple[Tensor, Tensor]:
-        """Mean training loss (nats per token) and its value at each position [K]; `generator` draws what the
-        kind draws at random (a kind that draws nothing ignores it)."""
+        """Mean training loss (nats per token) and its value at each generation position [K], for `tokens` in the
+        tokenizer's order; `generator` draws what the kind draws at random (a kind that draws nothing ignores it)."""
+        return self.sequence_loss(self.to_generation_order(tokens), labels, generator)
+
+    def sequence_loss(
+        self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """The kind's loss on sequences already in generation order."""
         raise NotImplementedError
+
+    def to_generation_order(self, tokens: Tensor) -> Tensor:
+        """[B, K] ids in the tokenizer's order -> the order this generator models."""
+        return tokens if self.token_order == "forward" else tokens[:, self.order]
+
+    def to_tokenizer_order(self, tokens: Tensor) -> Tensor:
+        """The inverse of `to_generation_order`: what the tokenizer decodes."""
+        return tokens if self.token_order == "forward" else tokens[:, self.inverse_order]
 
     @torch.no_grad()
     def sample(
@@ -122,7 +155,9 @@ class Generator(nn.Module):
         so does compiled code that keeps eager's rounding (aot_eager; inductor may fuse).
         """
         chosen = {name: getattr(sampling, name) for name in self.sampling_fields} if sampling is not None else {}
-        return self.sample_tokens(labels, seed=seed, graph=graph, compile=compile, **{**chosen, **options})
+        settings = {**chosen, **options}
+        check_sampling_options({k: v for k, v in settings.items() if k in SAMPLING_FIELDS}, SAMPLING_FIELDS)
+        return self.to_tokenizer_order(self.sample_tokens(labels, seed=seed, graph=graph, compile=compile, **settings))
 
     def sample_tokens(self, labels: Tensor, *, seed: int, graph: Optional[bool], compile: Compile, **settings):
         """The kind's sampler, with every setting by keyword (`sample` chooses them)."""
@@ -172,6 +207,18 @@ class Generator(nn.Module):
     def __getstate__(self):
         """Copies and pickles leave the sampling steps (CUDA graphs, compiled code) behind."""
         return {**super().__getstate__(), "_steps": {}, "_steps_parameters": None}
+
+
+def generation_order(num_tokens: int, token_order: TokenOrder, seed: int = 0) -> Tensor:
+    """Position i of the generated sequence holds tokenizer position order[i]: forward, reversed, or one fixed
+    permutation drawn from `seed` on the CPU (the same on every machine)."""
+    if token_order not in TOKEN_ORDERS:
+        raise ValueError(f"token order '{token_order}' is not one of {TOKEN_ORDERS}")
+    if token_order == "reversed":
+        return torch.arange(num_tokens - 1, -1, -1)
+    if token_order == "permuted":
+        return torch.randperm(num_tokens, generator=torch.Generator().manual_seed(seed))
+    return torch.arange(num_tokens)
 
 
 def build_generator(config: GeneratorConfig, num_classes: int) -> Generator:

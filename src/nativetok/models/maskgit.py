@@ -67,9 +67,11 @@ class MaskGITGenerator(Generator, kind="maskgit"):
         mlp_ratio: float = 4.0,
         class_dropout: float = 0.1,
         schedule: MaskSchedule = "cosine",
+        **order: Any,
     ):
         mask_ratio(0.5, schedule)  # fail early on an unknown schedule
-        super().__init__(codebook_size, num_tokens, num_classes, width, depth, heads, mlp_ratio, class_dropout)
+        super().__init__(codebook_size, num_tokens, num_classes, width, depth, heads, mlp_ratio, class_dropout,
+                         **order)
         self.schedule = schedule
 
     @classmethod
@@ -98,7 +100,7 @@ class MaskGITGenerator(Generator, kind="maskgit"):
         rank = scores.argsort(dim=1).argsort(dim=1)
         return rank < count[:, None]
 
-    def loss(
+    def sequence_loss(
         self, tokens: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None
     ) -> tuple[Tensor, Tensor]:
         """Cross-entropy on the masked tokens (nats), overall and at each position [K]."""

@@ -160,16 +160,19 @@ class NativeTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """images float [B, C, H, W] in [0, 1] -> token ids LongTensor [B, active tokens]."""
+        """images float [B, C, H, W] in [0, 1] -> token ids LongTensor [B, active tokens]. Float images of another
+        precision than the weights' (float64, half) are converted to it."""
         self.check_images(images)
         self.check_pixel_values(images)
-        return self.quantize(to_signed(images)).ids
+        return self.quantize(to_signed(images.to(next(self.parameters()).dtype))).ids
 
     @torch.no_grad()
     def decode(self, ids: Tensor, k: Optional[int] = None) -> Tensor:
-        """ids [B, n] -> images in [0, 1] (clamped), from the first k tokens (default: all n given)."""
-        if ids.dim() != 2 or ids.shape[1] > self.num_tokens:
-            raise ValueError(f"ids must be [B, n] with n <= {self.num_tokens}, got {list(ids.shape)}")
+        """ids [B, n] -> images in [0, 1] (clamped), from the first k tokens (default: all n given). Only the
+        active experts' tokens mean anything: more ids than `num_active` are refused."""
+        if ids.dim() != 2 or ids.shape[1] > self.num_active:
+            raise ValueError(f"ids must be [B, n] with n <= {self.num_active} (the tokenizer's active tokens), "
+                             f"got {list(ids.shape)}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"ids must be an integer tensor of token ids, got dtype {ids.dtype}")
         if k is not None:

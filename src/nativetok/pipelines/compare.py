@@ -1,14 +1,18 @@
-"""The paper's comparison as one command: the same AR generator on NativeTok, parallel and causal-mask tokens.
+"""`nativetok compare`: the token-order study of docs/study.md, as one resumable command.
 
-Each row of a preset (experiments/compare/*.yaml) is a tokenizer kind in the paper's setup (no prefix
-dropout), plus optionally NativeTok with prefix dropout; each row runs once per seed: train the tokenizer
-(same token count and codebook; baselines get the MIT depth that matches NativeTok's parameter count),
-tokenize the data, train the same AR generator on the tokens, then measure rFID/KID, gFID/KID against
-class-balanced reference statistics, the prefix curve (PSNR and FID from the first k tokens), and bits per
-token at each position. Tables give mean ± sd over seeds and say which differences exceed two standard
-errors. Finished runs and measurements are reused, so an interrupted comparison continues where it stopped.
-Results: `comparison.md`, `comparison.json`, `bits_per_position.png`, `prefix_psnr.png` and `prefix_fid.png`
-in the preset's folder.
+Per seed: each tokenizer of the preset is trained (its validation PSNR curve kept for the plateau check),
+encodes a class-balanced subset of the data once, and is measured on the evaluation half of the test split
+(PSNR, rFD, FD-FMNIST from the first k tokens, token statistics). Each arm trains the same AR generator on
+one tokenizer's token shards, in the arm's order (the order controls reuse the NativeTok shards), samples
+from its checkpoint with the lowest validation NLL and is measured on the classifier's features (FD-FMNIST
+against the decoder's reconstructions, the primary metric, and against the real images; KID; class
+accuracy; bits per position). Differences between arms are paired by seed with t-intervals, and the
+decision rule of docs/study.md gives the verdict.
+
+Every cell (a tokenizer or an arm at one seed) records its inputs beside its result: a finished cell is
+reused when they match, a cell whose inputs changed is refused, and a killed run resumes from its last
+checkpoint. A progress line per cell gives the elapsed time and an ETA. Results: `study.md`, `study.json`
+and the plots in the preset's folder, rewritten after every seed.
 """
 
 from __future__ import annotations
@@ -16,26 +20,37 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from nativetok.config import load_config
-from nativetok.config.loading import load_preset
+from nativetok.config.loading import load_preset, to_container
 from nativetok.config.schema import ComparePreset, ExperimentConfig
-from nativetok.eval.statistics import Summary, verdict
+from nativetok.eval.statistics import PairedDifference, Summary
 from nativetok.models.tokenizer import build_tokenizer
 from nativetok.pipelines.runs import preset_path, timed_training
 
 log = logging.getLogger(__name__)
-BASE = "nativetok"
-PREFIX_DROPOUT_ROW = "nativetok+prefix_dropout"
-# metric -> (label, lower is better, digits)
-METRICS = {
-    "gfid": ("gFID", True, 2), "rfid": ("rFID", True, 2), "bits_per_token": ("bits/token", True, 3),
-    "psnr": ("PSNR (dB)", False, 2), "codebook_usage": ("codebook usage", False, 2),
+
+RECORD = "cell.json"
+# The decision rule of docs/study.md: (arm, other arm) pairs on the primary metric, lower is better.
+PRIMARY = "fd_vs_reconstructions"
+DECISION_PAIRS = (("nativetok", "parallel"), ("nativetok", "reversed"), ("nativetok", "permuted"))
+# Per-arm metrics in the table: key -> (label, digits).
+ARM_METRICS = {
+    "fd_vs_reconstructions": ("FD-FMNIST vs rec. (primary)", 2), "fd_vs_real": ("FD-FMNIST vs real", 2),
+    "kid_vs_real": ("KID vs real", 4), "class_accuracy": ("class accuracy", 3), "bits_per_token": ("bits/token", 3),
+    "inception_fid": ("Inception FID", 2),
 }
+TOKENIZER_METRICS = {
+    "psnr": ("PSNR (dB)", 2), "rfd": ("rFD", 2), "adjacent_repeat_rate": ("adjacent repeats", 3),
+    "distinct_ids_per_image": ("distinct ids", 2), "codebook_usage": ("codebook usage", 3),
+    "plateau_gain_db": ("PSNR gain, last 20% (dB)", 3), "minutes": ("minutes", 1), "parameters": ("parameters", 0),
+}  # parameters: the same for every seed, shown once
+PLATEAU_DB = 0.1  # the plateau check: less than this PSNR gain over the last 20% of the steps
 
 
 def parameter_count(config: ExperimentConfig) -> int:
@@ -53,178 +68,419 @@ def matched_mit_depth(base: Path, overrides: List[str], target: int) -> int:
     return min(range(1, 33), key=lambda depth: abs(count(depth) - target))
 
 
-def rows(settings: ComparePreset) -> List[Tuple[str, str, List[str]]]:
-    """(row name, tokenizer kind, overrides): every kind without prefix dropout, then the optional extra row."""
-    out = [(kind, kind, ["tokenizer.decoder.random_prefix=0", *getattr(settings, kind)]) for kind in settings.kinds]
-    if settings.prefix_dropout > 0 and BASE in settings.kinds:
-        out.append((PREFIX_DROPOUT_ROW, BASE,
-                    [f"tokenizer.decoder.random_prefix={settings.prefix_dropout}", *settings.nativetok]))
-    return out
+# -- cells -----------------------------------------------------------------------------------------------------
+
+
+class InputsChanged(ValueError):
+    """A finished cell was made from other inputs than the preset now gives."""
+
+
+def reuse(folder: Path, inputs: Dict) -> Optional[Dict]:
+    """The recorded result of a finished cell made from `inputs`; None when it has not finished."""
+    record = folder / RECORD
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    if saved["inputs"] != inputs:
+        changed = sorted(k for k in set(saved["inputs"]) | set(inputs) if saved["inputs"].get(k) != inputs.get(k))
+        raise InputsChanged(f"{folder} was made from other inputs ({', '.join(changed)} changed): remove the folder "
+                            f"to run it again with the preset as it is, or give another --out")
+    return saved["result"]
+
+
+def record(folder: Path, inputs: Dict, result: Dict) -> Dict:
+    from nativetok.io import atomic_open
+
+    with atomic_open(folder / RECORD, "w") as file:
+        file.write(json.dumps({"inputs": inputs, "result": result}, indent=1) + "\n")
+    return result
+
+
+@dataclass
+class Progress:
+    """A line per cell: which, whether reused, elapsed time and an ETA from the cells computed so far."""
+
+    total: Dict[str, int]
+    started: float = field(default_factory=time.monotonic)
+    done: Dict[str, int] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=dict)
+    computed: Dict[str, int] = field(default_factory=dict)
+
+    def finished(self, kind: str, name: str, seconds: float, reused: bool) -> None:
+        self.done[kind] = self.done.get(kind, 0) + 1
+        if not reused:
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+            self.computed[kind] = self.computed.get(kind, 0) + 1
+        overall = sum(self.seconds.values()) / max(1, sum(self.computed.values()))
+        left = sum((self.total[k] - self.done.get(k, 0)) * (self.seconds[k] / self.computed[k] if self.computed.get(k)
+                                                            else overall) for k in self.total)
+        count, total = sum(self.done.values()), sum(self.total.values())
+        log.info("compare [%d/%d] %s %s %s in %s | elapsed %s | ETA %s", count, total, kind, name,
+                 "reused" if reused else "done", clock(seconds), clock(time.monotonic() - self.started), clock(left))
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class EvaluationSet:
+    """The evaluation half of the test split: images, labels and the classifier's features of them."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    features: Dict[str, torch.Tensor]
+
+
+# -- the study -------------------------------------------------------------------------------------------------
 
 
 def compare(preset: str = "default", out: Path = Path("runs/compare"), seeds: Optional[Sequence[int]] = None) -> Dict:
+    """Run (or continue) the study of a preset; returns what study.json holds."""
+    from nativetok.eval.classifier import fmnist_classifier
+
     path = preset_path(preset, "compare")
-    settings: ComparePreset = load_preset(path)
+    settings = load_preset(path)
     root = Path(out) / path.stem
-    tokenizer_file = path.parent / settings.tokenizer_experiment
-    common = ["trainer.progress_bar=false", *settings.tokenizer]
-    target = parameter_count(load_config(tokenizer_file, common + [f"tokenizer.kind={BASE}", *settings.nativetok]))
-    results: Dict[str, Dict] = {}
-    started = time.monotonic()
-    for name, kind, own in rows(settings):
-        overrides = [*common, f"tokenizer.kind={kind}", *own]
-        if kind != BASE:
-            overrides.append("growth.stages=[]")
-            if settings.match_parameters:
-                overrides.append(f"tokenizer.mit.depth={matched_mit_depth(tokenizer_file, overrides, target)}")
-        config = load_config(tokenizer_file, overrides)
-        runs = [run_row(root / name / f"seed{seed}", settings, path.parent, overrides, seed)
-                for seed in (seeds if seeds is not None else settings.seeds)]
-        results[name] = {"kind": kind, "parameters": parameter_count(config), "mit_depth": config.tokenizer.mit.depth,
-                         "runs": runs}
-    write_comparison(root, results, settings, minutes=(time.monotonic() - started) / 60)
-    return results
+    root.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds) if seeds is not None else list(settings.seeds)
+    used = sorted({arm.tokenizer for arm in settings.arms.values()}, key=list(settings.tokenizers).index)
+    image_index = load_config(path.parent / settings.tokenizer_experiment, list(settings.tokenizer)).data.index
+    progress = Progress({"tokenizer": len(seeds) * len(used), "arm": len(seeds) * len(settings.arms)})
+    subset = study_images(root / "data", image_index, settings)
+    classifier = fmnist_classifier(image_index)
+    evaluation = evaluation_set(str(subset), classifier)
+    tokenizers: Dict[str, List[Dict]] = {name: [] for name in used}
+    arms: Dict[str, List[Dict]] = {name: [] for name in settings.arms}
+    report: Dict = {}
+    for seed in seeds:
+        for name in used:
+            tokenizers[name].append(tokenizer_cell(settings, path.parent, root, name, seed, str(subset), evaluation,
+                                                   classifier, progress))
+        for name, arm in settings.arms.items():
+            made = tokenizers[arm.tokenizer][-1]
+            arms[name].append(arm_cell(settings, path.parent, root, name, seed, made, str(subset), evaluation,
+                                       classifier, progress))
+        report = write_report(root, settings, tokenizers, arms, classifier.label,
+                              minutes=(time.monotonic() - progress.started) / 60)
+    return report
 
 
-def run_row(folder: Path, settings: ComparePreset, presets: Path, overrides: List[str], seed: int) -> Dict:
-    """One row and seed: tokenizer, tokens, generator, then every measurement (cached in metrics.json)."""
-    from nativetok.lit.train import train_generator, train_tokenizer
+def study_images(folder: Path, image_index: str, settings: ComparePreset) -> Path:
+    """Image shards of the study's subsets (written once): `train` (the generators' training images), `val`
+    (the selection half of the test split) and `eval` (the evaluation half), each class-balanced with
+    `subset_seed`; only these images are ever tokenized."""
+    from nativetok.checkpoints import file_sha256
+    from nativetok.data.shards import (
+        DatasetIndex,
+        ShardEntry,
+        SplitIndex,
+        encode_image,
+        plan_shards,
+        shard_name,
+        write_shard,
+    )
+    from nativetok.eval.fid import class_balanced_positions, images_at, split_labels
+
+    inputs = {"images_sha256": file_sha256(image_index), "seed": settings.subset_seed,
+              "train": settings.generator_images, "val": settings.selection_images,
+              "eval": settings.evaluation_images}
+    index_path = folder / "index.json"
+    if index_path.is_file() and reuse(folder, inputs) is not None:
+        return index_path
+    source = DatasetIndex.load(image_index, holds="images")
+    train_labels, test_labels = split_labels(image_index, "train"), split_labels(image_index, "val")
+    train = class_balanced_positions(train_labels, settings.generator_images, settings.subset_seed)
+    selection = class_balanced_positions(test_labels, settings.selection_images, settings.subset_seed)
+    rest = sorted(set(range(len(test_labels))) - set(selection))
+    evaluation = [rest[i] for i in class_balanced_positions([test_labels[p] for p in rest],
+                                                            settings.evaluation_images, settings.subset_seed)]
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, (origin, positions, labels) in {"train": ("train", train, train_labels),
+                                               "val": ("val", selection, test_labels),
+                                               "eval": ("val", evaluation, test_labels)}.items():
+        images = images_at(image_index, origin, positions).numpy()
+        entries = []
+        for number, rows in enumerate(plan_shards(len(positions), 5000)):
+            samples = ({"__key__": f"{split}{i:07d}", "png": encode_image(images[i].squeeze(0)),
+                        "cls": str(labels[positions[i]]).encode()} for i in rows)
+            file = shard_name("study", split, number)
+            entries.append(ShardEntry(file, write_shard(folder / file, samples)))
+        splits[split] = SplitIndex(entries)
+    DatasetIndex(name="study", image_size=source.image_size, channels=source.channels, classes=source.classes,
+                 splits=splits, root=folder).save(folder)
+    record(folder, inputs, {"splits": {k: v.samples for k, v in splits.items()}})
+    log.info("compare: study images in %s (%s)", folder, {k: v.samples for k, v in splits.items()})
+    return index_path
+
+
+def evaluation_set(subset: str, classifier) -> EvaluationSet:
+    from nativetok.eval.fid import real_images
+
+    images, labels = real_images(subset, "eval", sum_split(subset, "eval"))
+    return EvaluationSet(images, labels, classifier.features(images))
+
+
+def sum_split(index: str, split: str) -> int:
+    from nativetok.data.shards import DatasetIndex
+
+    return DatasetIndex.load(index).split(split).samples
+
+
+def tokenizer_overrides(settings: ComparePreset, presets: Path, name: str) -> List[str]:
+    overrides = ["trainer.progress_bar=false", *settings.tokenizer, *settings.tokenizers[name]]
+    reference = settings.match_parameters.get(name)
+    if reference is not None:
+        target = parameter_count(load_config(presets / settings.tokenizer_experiment,
+                                             ["trainer.progress_bar=false", *settings.tokenizer,
+                                              *settings.tokenizers[reference]]))
+        overrides.append(f"tokenizer.mit.depth="
+                         f"{matched_mit_depth(presets / settings.tokenizer_experiment, overrides, target)}")
+    return overrides
+
+
+def tokenizer_cell(settings: ComparePreset, presets: Path, root: Path, name: str, seed: int, subset: str,
+                   evaluation: EvaluationSet, classifier, progress: Progress) -> Dict:
+    """Train one tokenizer, tokenize the study's images with it, and measure it (reused once finished)."""
+    from nativetok.lit.train import train_tokenizer
     from nativetok.pipelines.tokenize import tokenize_shards
 
-    tokenizer_config = load_config(presets / settings.tokenizer_experiment,
-                                   [f"seed={seed}", f"run.dir={folder / 'tokenizer'}", *overrides])
-    log.info("compare %s: tokenizer with %s parameters", folder, f"{parameter_count(tokenizer_config):,}")
-    tokenizer_seconds = timed_training(folder / "tokenizer", train_tokenizer, tokenizer_config)
-    tokenizer_ckpt = folder / "tokenizer" / "checkpoints" / "last.ckpt"
-    tokens = folder / "tokens"
-    tokenize_shards(str(tokenizer_ckpt), tokenizer_config.data.index, tokens)  # a no-op once made
-    q = tokenizer_config.tokenizer
-    generator_config = load_config(presets / settings.generator_experiment, [
-        f"seed={seed}", "trainer.progress_bar=false", f"run.dir={folder / 'generator'}",
-        f"data.index={tokens / 'index.json'}", "data.hflip=false", f"generator.tokenizer={tokenizer_ckpt}",
-        f"generator.codebook_size={q.quantizer.codebook_size}", f"generator.num_tokens={q.num_tokens}",
-        *settings.generator,
-    ])
-    generator_seconds = timed_training(folder / "generator", train_generator, generator_config)
-    metrics = measure(folder, settings, str(tokenizer_ckpt), str(folder / "generator" / "checkpoints" / "last.ckpt"),
-                      seed)
-    return {"seed": seed, **metrics, "tokenizer_minutes": tokenizer_seconds / 60,
-            "generator_minutes": generator_seconds / 60}
+    folder = root / "tokenizers" / name / f"seed{seed}"
+    config = load_config(presets / settings.tokenizer_experiment,
+                         [f"seed={seed}", f"run.dir={folder / 'run'}", *tokenizer_overrides(settings, presets, name)])
+    inputs = {"config": to_container(config), "subset": subset_digest(subset), "classifier": classifier.label}
+    started = time.monotonic()
+    result = reuse(folder, inputs)
+    reused = result is not None
+    if result is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        seconds = timed_training(folder / "run", train_tokenizer, config)
+        checkpoint = folder / "run" / "checkpoints" / "last.ckpt"
+        tokenize_shards(str(checkpoint), subset, folder / "tokens", splits=("train", "val"))
+        result = record(folder, inputs, {
+            "seed": seed, "checkpoint": str(checkpoint), "tokens": str(folder / "tokens" / "index.json"),
+            "parameters": parameter_count(config), "minutes": seconds / 60, "max_steps": config.trainer.max_steps,
+            **plateau(folder / "run", config.trainer.max_steps),
+            **measure_tokenizer(str(checkpoint), str(folder / "tokens" / "index.json"), evaluation, classifier,
+                                folder),
+        })
+    progress.finished("tokenizer", f"{name} seed {seed}", time.monotonic() - started, reused)
+    return result
 
 
-def measure(folder: Path, settings: ComparePreset, tokenizer_ckpt: str, generator_ckpt: str, seed: int) -> Dict:
-    from nativetok.eval.fid import evaluate_fid
-    from nativetok.eval.token_metrics import token_metrics
+def subset_digest(subset: str) -> str:
+    from nativetok.checkpoints import file_sha256
 
-    wanted = {"images": settings.images, "reference_images": settings.reference_images,
-              "prefix_images": settings.prefix_images, "prefix_fid": settings.prefix_fid}
-    record = folder / "metrics.json"
-    if record.is_file():
-        cached = json.loads(record.read_text())
-        if cached.get("settings") == wanted:
-            return cached["metrics"]
-    rfid, gfid = evaluate_fid(tokenizer_path=tokenizer_ckpt, generator_path=generator_ckpt, num=settings.images,
-                              seed=seed, reference_images=settings.reference_images, out=folder / "fid.json")
-    report = token_metrics(generator_ckpt, folder)
-    metrics = {
-        "rfid": rfid.fid, "rkid": rfid.kid_mean, "gfid": gfid.fid, "gkid": gfid.kid_mean,
-        "gfid_reference": gfid.reference, "inception": gfid.weights,
-        "bits_per_token": report["bits_per_token"], "conditional_bits": report["conditional_bits_given_class"],
-        "information_from_prefix_bits": report["total"]["information_from_prefix_bits"],
-        "codebook_usage": report["codebook_usage"],
-        **prefix_curve(tokenizer_ckpt, settings),
-    }
-    record.write_text(json.dumps({"settings": wanted, "metrics": metrics}, indent=1) + "\n")
-    return metrics
+    return file_sha256(subset)
 
 
-def prefix_curve(tokenizer_ckpt: str, settings: ComparePreset) -> Dict:
-    """PSNR (and FID) of reconstructions of validation images from the first k tokens, k = 1, 2, 4, 8, K."""
-    from nativetok.checkpoints import load_tokenizer, tokenizer_config
-    from nativetok.eval.fid import InceptionFeatures, frechet_distance, inception_weights, real_images
+def plateau(run_dir: Path, max_steps: int) -> Dict:
+    """The validation PSNR curve and its gain over the last 20% of the steps (the plateau check)."""
+    from nativetok.lit.callbacks import validation_curve
+
+    curve = [(r["step"], r["psnr"]) for r in validation_curve(run_dir) if "psnr" in r]
+    if not curve:
+        return {"psnr_curve": [], "plateau_gain_db": None, "plateaued": None}
+    earlier = [point for point in curve if point[0] <= 0.8 * max_steps]
+    before = earlier[-1] if earlier else curve[0]  # the last validation within the first 80% of the steps
+    gain = curve[-1][1] - before[1]
+    return {"psnr_curve": curve, "plateau_gain_db": gain, "plateaued": gain < PLATEAU_DB}
+
+
+def measure_tokenizer(checkpoint: str, tokens: str, evaluation: EvaluationSet, classifier, folder: Path) -> Dict:
+    """PSNR, rFD and FD-FMNIST from the first k tokens on the evaluation half; token statistics on the selection
+    half. The reconstructions' features are kept for the arms that use this tokenizer."""
+    from safetensors.torch import save_file
+
+    from nativetok.checkpoints import load_tokenizer
+    from nativetok.eval.classifier import scores_of_features
     from nativetok.eval.prefix import prefix_lengths, prefix_reconstructions, psnr_per_image
     from nativetok.eval.samples import to_uint8
+    from nativetok.eval.token_metrics import held_out_tokens, sequence_statistics
 
-    if settings.prefix_images < 1:
-        return {"prefix": {}}
-    config = tokenizer_config(tokenizer_ckpt)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(tokenizer_ckpt, device)
-    images, _ = real_images(config.data.index, "val", settings.prefix_images)
-    ks = prefix_lengths(config.tokenizer.num_tokens)
-    rebuilt = prefix_reconstructions(tokenizer, images, ks)
-    curve = {str(k): {"psnr": psnr_per_image(r, images.float() / 255).mean().item()} for k, r in rebuilt.items()}
-    if settings.prefix_fid and settings.prefix_images >= 2:
-        extractor = InceptionFeatures(inception_weights(None), device)
-        real = extractor(images)["pool"]
-        for k, r in rebuilt.items():
-            curve[str(k)]["fid"] = frechet_distance(extractor(to_uint8(r))["pool"], real)
-    return {"prefix": curve, "psnr": curve[str(ks[-1])]["psnr"]}
+    tokenizer = load_tokenizer(checkpoint, "cpu")
+    ks = prefix_lengths(tokenizer.num_active)
+    rebuilt = prefix_reconstructions(tokenizer, evaluation.images, ks)
+    target = evaluation.images.float() / 255
+    fd_at_k = {}
+    for k, images in rebuilt.items():
+        features = classifier.features(to_uint8(images))
+        fd_at_k[str(k)] = scores_of_features(features, evaluation.features).fd
+        if k == ks[-1]:
+            save_file({key: value.contiguous() for key, value in features.items()},
+                      str(folder / "reconstructions.safetensors"))
+    selection, _ = held_out_tokens(tokens, "val")
+    return {"psnr": psnr_per_image(rebuilt[ks[-1]], target).mean().item(), "rfd": fd_at_k[str(ks[-1])],
+            "fd_at_k": fd_at_k, **sequence_statistics(selection, tokenizer.quantizer.codebook_size)}
 
 
-def summaries(runs: List[Dict]) -> Dict[str, Summary]:
-    out = {m: Summary.of([r[m] for r in runs]) for m in METRICS if all(r.get(m) is not None for r in runs)}
-    for k in runs[0]["prefix"]:
-        for m in runs[0]["prefix"][k]:
-            out[f"{m}@{k}"] = Summary.of([r["prefix"][k][m] for r in runs])
+def arm_cell(settings: ComparePreset, presets: Path, root: Path, name: str, seed: int, made: Dict, subset: str,
+             evaluation: EvaluationSet, classifier, progress: Progress) -> Dict:
+    """Train the generator of one arm on its tokenizer's shards and measure its samples (reused once finished)."""
+    from nativetok.checkpoints import tokenizer_config
+    from nativetok.lit.train import train_generator
+
+    arm = settings.arms[name]
+    folder = root / "arms" / name / f"seed{seed}"
+    quantizer = tokenizer_config(made["checkpoint"]).tokenizer
+    config = load_config(presets / settings.generator_experiment, [
+        f"seed={seed}", "trainer.progress_bar=false", f"run.dir={folder / 'generator'}",
+        f"data.index={made['tokens']}", f"generator.tokenizer={made['checkpoint']}",
+        f"generator.codebook_size={quantizer.quantizer.codebook_size}", f"generator.num_tokens={quantizer.num_tokens}",
+        f"generator.token_order={arm.order}", f"generator.order_seed={settings.order_seed}", *settings.generator,
+    ])
+    inputs = {"config": to_container(config), "tokenizer": made, "samples": settings.samples,
+              "inception_images": settings.inception_images, "classifier": classifier.label}
+    started = time.monotonic()
+    result = reuse(folder, inputs)
+    reused = result is not None
+    if result is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        seconds = timed_training(folder / "generator", train_generator, config)
+        result = record(folder, inputs, {"seed": seed, "minutes": seconds / 60,
+                                         **measure_arm(folder, config, made, settings, evaluation, classifier, seed)})
+    progress.finished("arm", f"{name} seed {seed}", time.monotonic() - started, reused)
+    return result
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint with the lowest validation NLL (ModelCheckpoint keeps one best-step file)."""
+    found = sorted((run_dir / "checkpoints").glob("best-step*.ckpt"))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}/checkpoints holds no best-step checkpoint: the generator never validated")
+    return found[-1]
+
+
+def measure_arm(folder: Path, config: ExperimentConfig, made: Dict, settings: ComparePreset,
+                evaluation: EvaluationSet, classifier, seed: int) -> Dict:
+    from safetensors.torch import load_file
+    from torchvision.utils import save_image
+
+    from nativetok.checkpoints import load_generator, load_tokenizer
+    from nativetok.eval.classifier import scores_of_features
+    from nativetok.eval.samples import balanced_labels, generate_images
+    from nativetok.eval.token_metrics import dependency_report, held_out_tokens
+
+    checkpoint = best_checkpoint(folder / "generator")
+    generator = load_generator(str(checkpoint))
+    tokenizer = load_tokenizer(made["checkpoint"])
+    labels = balanced_labels(config.data.num_classes, settings.samples)
+    images = generate_images(generator, tokenizer, labels, config.sampling, seed, batch_size=500)
+    grid = torch.cat([images[labels == c][:8] for c in range(config.data.num_classes)])
+    save_image(grid.float() / 255, folder / "samples.png", nrow=8)
+    features = classifier.features(images)
+    reconstructions = load_file(str(Path(made["tokens"]).parent.parent / "reconstructions.safetensors"))
+    versus_reconstructions = scores_of_features(features, reconstructions, labels)
+    versus_real = scores_of_features(features, evaluation.features, labels)
+    tokens, token_labels = held_out_tokens(made["tokens"], "val")
+    bits = dependency_report(generator, tokens, token_labels, config.generator.codebook_size)
+    out = {
+        "checkpoint": str(checkpoint), "step": int(checkpoint.stem.removeprefix("best-step")),
+        "fd_vs_reconstructions": versus_reconstructions.fd, "kid_vs_reconstructions": versus_reconstructions.kid_mean,
+        "fd_vs_real": versus_real.fd, "kid_vs_real": versus_real.kid_mean,
+        "class_accuracy": versus_real.class_accuracy, "samples": len(images),
+        "bits_per_token": bits["bits_per_token"], "bits_per_position": bits["conditional_bits_given_class"],
+    }
+    if settings.inception_images:
+        out["inception_fid"] = inception_fid(images, evaluation.images, settings.inception_images)
     return out
 
 
-def write_comparison(root: Path, results: Dict[str, Dict], settings: ComparePreset, minutes: float) -> None:
+def inception_fid(samples: torch.Tensor, real: torch.Tensor, count: int) -> float:
+    from nativetok.eval.fid import frechet_distance
+    from nativetok.eval.inception import InceptionFeatures, inception_weights
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    extractor = InceptionFeatures(inception_weights(None), device)
+    return frechet_distance(extractor(samples[:count])["pool"], extractor(real[:count])["pool"])
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+
+
+def verdict(differences: Dict[str, PairedDifference]) -> str:
+    """The decision rule of docs/study.md on the three paired differences of the primary metric."""
+    signs = [differences[f"{a} - {b}"].sign() for a, b in DECISION_PAIRS if f"{a} - {b}" in differences]
+    if len(signs) < len(DECISION_PAIRS):
+        return "undecided (the preset lacks an arm of the decision rule, or a seed)"
+    if all(s < 0 for s in signs):
+        return "supported"
+    if all(s > 0 for s in signs):
+        return "refuted"
+    return "undecided"
+
+
+def reading(a: str, b: str, difference: PairedDifference) -> str:
+    ahead = a if difference.summary.mean < 0 else b
+    sign = difference.sign()
+    strength = "its 95% interval excludes 0" if sign else "its 95% interval holds 0"
+    return f"`{a}` - `{b}`: {difference.text()}; `{ahead}` is ahead, {strength}"
+
+
+def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List[Dict]], arms: Dict[str, List[Dict]],
+                 classifier: str, minutes: float) -> Dict:
+    """study.md, study.json and the plots, from the cells finished so far (complete seeds only)."""
     from nativetok.eval.plots import position_curves
 
-    stats = {name: summaries(r["runs"]) for name, r in results.items()}
-    seeds = [run["seed"] for run in next(iter(results.values()))["runs"]]
-    ks = list(next(iter(results.values()))["runs"][0]["prefix"])
-    lines = [
-        "| tokenizer | parameters | rFID | gFID | bits/token | PSNR (dB) | codebook usage | "
-        + " | ".join(f"PSNR k={k}" for k in ks) + " |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in ks) + " |",
-    ]
-    for name, r in results.items():
-        s = stats[name]
-        cells = [s[m].text(METRICS[m][2]) if m in s else "n/a" for m in ("rfid", "gfid", "bits_per_token", "psnr",
-                                                                          "codebook_usage")]
-        prefix = [s[f"psnr@{k}"].text() for k in ks]
-        lines.append(f"| {name} | {r['parameters']:,} | " + " | ".join(cells + prefix) + " |")
-    if settings.prefix_fid and ks:
-        lines += ["", "| tokenizer | " + " | ".join(f"FID k={k}" for k in ks) + " |",
-                  "| --- | " + " | ".join("---:" for _ in ks) + " |"]
-        lines += [f"| {name} | " + " | ".join(stats[name][f"fid@{k}"].text() for k in ks) + " |" for name in results]
-    first = next(iter(results.values()))["runs"][0]
-    lines += ["", f"Mean ± sd over seeds {seeds}. FID/KID on {settings.images} images; gFID against "
-              f"{first['gfid_reference']}; Inception: {first['inception']}. Prefix curve: the first "
-              f"{settings.prefix_images} validation images, reconstructed from the first k tokens. bits/token: the "
-              "AR generator's validation cross-entropy given the class. Total time "
-              f"{minutes:.0f} min (finished runs reused).", "",
-              "Verdicts (differences beyond two standard errors):", ""]
-    lines += [f"- {line}" for line in verdicts(stats)]
-    (root / "comparison.md").write_text("\n".join(lines) + "\n")
-    (root / "comparison.json").write_text(json.dumps(
-        {"results": results, "summary": {n: {m: {"mean": v.mean, "sd": v.sd, "n": v.n} for m, v in s.items()}
-                                         for n, s in stats.items()}}, indent=1) + "\n")
-    bits = {name: [sum(r["conditional_bits"][i] for r in res["runs"]) / len(res["runs"])
-                   for i in range(len(res["runs"][0]["conditional_bits"]))] for name, res in results.items()}
-    position_curves(bits, "bits per token (AR, given class)",
-                    "code length of token i given the tokens before it").savefig(root / "bits_per_position.png")
-    if ks:
-        for metric, label in (("psnr", "PSNR (dB)"), ("fid", "FID")):
-            if all(f"{metric}@{k}" in stats[name] for name in results for k in ks):
-                curves = {name: [stats[name][f"{metric}@{k}"].mean for k in ks] for name in results}
-                position_curves(curves, label, "reconstruction from the first k tokens",
-                                positions=[int(k) for k in ks], xlabel="k").savefig(root / f"prefix_{metric}.png")
-    print("\n".join(lines))
+    seeds = [r["seed"] for r in next(iter(arms.values()))]
+    differences = {f"{a} - {b}": PairedDifference.of([r[PRIMARY] for r in arms[a]], [r[PRIMARY] for r in arms[b]])
+                   for a, b in DECISION_PAIRS if a in arms and b in arms}
+    decision = verdict(differences)
+    lines = [f"Seeds {seeds} (paired); {settings.samples} samples an arm and seed against {settings.evaluation_images} "
+             f"evaluation images; features: {classifier}. Mean ± sd over seeds.", "",
+             "| arm | tokenizer | order | " + " | ".join(label for label, _ in ARM_METRICS.values()) + " |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in ARM_METRICS) + " |"]
+    for name, runs in arms.items():
+        arm = settings.arms[name]
+        cells = [Summary.of([r[m] for r in runs]).text(d) if all(r.get(m) is not None for r in runs) else "n/a"
+                 for m, (_, d) in ARM_METRICS.items()]
+        lines.append(f"| {name} | {arm.tokenizer} | {arm.order} | " + " | ".join(cells) + " |")
+    lines += ["", "| tokenizer | " + " | ".join(label for label, _ in TOKENIZER_METRICS.values()) + " | plateaued |",
+              "| --- | " + " | ".join("---:" for _ in TOKENIZER_METRICS) + " | --- |"]
+    for name, runs in tokenizers.items():
+        cells = [Summary.of([r[m] for r in runs]).text(d) if all(r.get(m) is not None for r in runs) else "n/a"
+                 for m, (_, d) in TOKENIZER_METRICS.items() if m != "parameters"]
+        cells.append(f"{runs[0]['parameters']:,}")
+        plateaued = sum(bool(r["plateaued"]) for r in runs)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {plateaued} of {len(runs)} |")
+    lines += ["", f"Paired differences of {ARM_METRICS[PRIMARY][0]} (negative: the first arm is better):", ""]
+    lines += [f"- {reading(*key.split(' - '), d)}" for key, d in differences.items()]
+    lines += ["", f"**Verdict (docs/study.md): {decision}.** Time so far: {minutes:.0f} min (finished cells reused)."]
+    text = "\n".join(lines) + "\n"
+    (root / "study.md").write_text(text)
+    report = {"seeds": seeds, "verdict": decision, "minutes": minutes, "classifier": classifier,
+              "differences": {k: {"values": list(d.differences), "mean": d.summary.mean, "interval": d.interval()}
+                              for k, d in differences.items()},
+              "arms": arms, "tokenizers": tokenizers}
+    (root / "study.json").write_text(json.dumps(report, indent=1) + "\n")
+    mean = lambda rows: [sum(column) / len(column) for column in zip(*rows)]  # noqa: E731
+    position_curves({n: mean([r["bits_per_position"] for r in runs]) for n, runs in arms.items()},
+                    "bits per token (given class)", "code length at each generation position"
+                    ).savefig(root / "bits_per_position.png")
+    ks = list(next(iter(tokenizers.values()))[0]["fd_at_k"])
+    position_curves({n: mean([[r["fd_at_k"][k] for k in ks] for r in runs]) for n, runs in tokenizers.items()},
+                    "FD-FMNIST", "reconstructions from the first k tokens", positions=[int(k) for k in ks],
+                    xlabel="k").savefig(root / "fd_at_k.png")
+    plot_plateaus(tokenizers).savefig(root / "tokenizer_psnr.png")
+    log.info("compare: verdict %s\n%s", decision, text)
+    return report
 
 
-def verdicts(stats: Dict[str, Dict[str, Summary]]) -> List[str]:
-    """NativeTok against every other row, on every metric both have."""
-    if BASE not in stats:
-        return []
-    out = []
-    for name, s in stats.items():
-        if name == BASE:
-            continue
-        for metric, (label, lower, digits) in METRICS.items():
-            if metric in s and metric in stats[BASE]:
-                out.append(verdict(label, BASE, stats[BASE][metric], name, s[metric], lower, digits))
-    return out
+def plot_plateaus(tokenizers: Dict[str, List[Dict]]):
+    """Validation PSNR against steps, a line per tokenizer and seed: the curves behind the plateau check."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5), dpi=100)
+    axis = figure.subplots()
+    for name, runs in tokenizers.items():
+        for run in runs:
+            steps, values = zip(*run["psnr_curve"]) if run["psnr_curve"] else ((), ())
+            axis.plot(steps, values, marker="o", markersize=2, label=f"{name} seed {run['seed']}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("validation PSNR (dB)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    return figure

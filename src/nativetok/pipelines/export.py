@@ -1,11 +1,13 @@
 """`nativetok export`: a training checkpoint as a folder to share, the way Hugging Face models are shared.
 
 A Lightning checkpoint is mostly optimizer state and holds both the trained and the moving-average
-weights. The export keeps what inference loads (`checkpoints.load_weights`): the moving average when there
+weights. The export keeps what inference loads (`checkpoints.weights_state`): the moving average when there
 is one, as `model.safetensors`; `config.json` holds the experiment config and what the checkpoint knew
 (step, source sha256, tokenizer pin); `README.md` is a model card generated from those and from the run
 folder's logs. A generator's folder bundles its pinned tokenizer in `tokenizer/`, so it samples on its own.
-Loaders take the folder, or its Hub repo once uploaded (see `checkpoints`).
+Loaders take the folder, or its Hub repo once uploaded (see `checkpoints`). An export is written only into a
+new or empty folder, or with `force` over an earlier export holding nothing but an export's files: a folder
+with anything else in it is refused untouched.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 from nativetok.checkpoints import (
     CONFIG_FILE,
     EXPORT_FORMAT,
+    TOKENIZER_FOLDER,
     WEIGHTS_FILE,
     CheckpointError,
+    export_metadata,
     export_sha256,
     file_sha256,
     is_export,
@@ -31,6 +35,7 @@ from nativetok.checkpoints import (
     pinned_tokenizer,
     read_checkpoint,
     run_folder,
+    weights_sha256,
 )
 from nativetok.config.loading import from_container, to_container
 from nativetok.config.schema import ExperimentConfig
@@ -39,23 +44,25 @@ from nativetok.version import __version__
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FOLDER = "tokenizer"
 NOT_RECORDED = "not recorded"
+CARD_FILE = "README.md"
+# What an export holds; its tokenizer/ holds the same but tokenizer/.
+EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, TOKENIZER_FOLDER)
 
 
 def export(
     checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer: Optional[str] = None,
-    include_tokenizer: bool = True,
+    include_tokenizer: bool = True, force: bool = False,
 ) -> Path:
-    """Write the export of a tokenizer or generator checkpoint to `out` (replacing an earlier export there,
-    never other files) and return it. A generator bundles the tokenizer it is pinned to (`tokenizer` to give
-    it another path; its sha256 is checked as `nativetok sample` checks it) unless `include_tokenizer` is off."""
+    """Write the export of a tokenizer or generator checkpoint to `out` and return it; `out` is new or empty, or
+    with `force` an earlier export (`check_target`). A generator bundles the tokenizer it is pinned to
+    (`tokenizer` to give it another path; its sha256 is checked as `nativetok sample` checks it) unless
+    `include_tokenizer` is off."""
     source, out = Path(checkpoint), Path(out)
     if not source.is_file():
         raise CheckpointError(f"export needs a checkpoint file, got {source}" +
                               (" (already an export)" if is_export(source) else ""))
-    if out.exists() and not is_export(out) and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} exists and is not an earlier export: choose an empty or new folder")
+    check_target(out, force)
     saved = read_checkpoint(source, None)
     kind = saved["nativetok"]["kind"]
     config = from_container(saved["hyper_parameters"]["config"])
@@ -82,21 +89,58 @@ def export(
     try:
         meta["weights"]["sha256"] = _save_weights(tensors, staging / WEIGHTS_FILE, kind)
         pin = saved["nativetok"].get("tokenizer")
+        if pin:  # found again from the export folder in tokenizer/ only, checked by its weights' bytes
+            meta["tokenizer"] = {"sha256": pin["sha256"], "path": pin["path"], "run_path": TOKENIZER_FOLDER,
+                                 **({"weights_sha256": pin["weights_sha256"]} if "weights_sha256" in pin else {})}
         if kind == "generator" and include_tokenizer:
             _bundle_tokenizer(source, saved, tokenizer, staging / TOKENIZER_FOLDER)
             meta["bundled_tokenizer"] = TOKENIZER_FOLDER
-        if pin:  # found again from the export folder: in tokenizer/, else at its original absolute path
-            meta["tokenizer"] = {"sha256": pin["sha256"], "path": pin["path"], "run_path": TOKENIZER_FOLDER}
+            if pin:
+                meta["tokenizer"]["weights_sha256"] = weights_sha256(staging / TOKENIZER_FOLDER)
         body = {"nativetok": meta, "config": to_container(config)}
         (staging / CONFIG_FILE).write_text(json.dumps(body, indent=1) + "\n")
         shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)  # safetensors writes 0600 files
-        (staging / "README.md").write_text(model_card(meta, config))
+        (staging / CARD_FILE).write_text(model_card(meta, config))
         replace_folder(staging, out, aside=out.with_name(f".{out.name}.previous"))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("exported %s %s (%s) to %s", kind, source, "moving-average weights" if ema else "weights", out)
     return out
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse (CheckpointError, nothing touched) an `out` that is neither new, empty, nor an earlier export of
+    ours (a readable export config.json and nothing but an export's files), and an earlier export without
+    `force`: replacing a folder deletes what it holds, so only what an export wrote may be there."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder: choose a new or empty folder")
+    if not any(out.iterdir()):
+        return
+    unknown = _unknown_files(out, EXPORT_FILES)
+    try:
+        export_metadata(out)
+    except CheckpointError:
+        unknown = unknown or [out / CONFIG_FILE]
+    if unknown:
+        shown = ", ".join(str(p.relative_to(out)) for p in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        raise CheckpointError(f"{out} exists and is not an earlier export ({shown} is not one of its files): "
+                              f"choose a new or empty folder; nothing was changed")
+    if not force:
+        raise CheckpointError(f"{out} holds an earlier export: pass --force to replace it")
+
+
+def _unknown_files(folder: Path, allowed: tuple) -> list:
+    """What `folder` holds beyond an export's files (its tokenizer/ checked as an export itself)."""
+    unknown = []
+    for path in sorted(folder.iterdir()):
+        if path.name not in allowed or path.is_dir() != (path.name == TOKENIZER_FOLDER):
+            unknown.append(path)
+        elif path.is_dir():
+            unknown += _unknown_files(path, tuple(name for name in allowed if name != TOKENIZER_FOLDER))
+    return unknown
 
 
 def _save_weights(tensors: dict, path: Path, kind: str) -> str:

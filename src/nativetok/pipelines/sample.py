@@ -41,7 +41,7 @@ from nativetok.config.loading import from_container
 from nativetok.config.schema import ExperimentConfig, SamplingConfig
 from nativetok.data.shards import Manifest
 from nativetok.eval.samples import SAMPLE_FILES, SAMPLE_MANIFEST, generate_batch
-from nativetok.io import replace_folder
+from nativetok.io import naming_the_file, replace_folder
 from nativetok.pipelines.ranks import barrier, join_ranks, process_rank, rank_device
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ def _draw_pngs(folder: Path, names: List[str], generator, tokenizer, labels: tor
                                 precision)
         for i, image in enumerate(images.permute(0, 2, 3, 1).numpy(), start):
             image = image.squeeze(-1) if image.shape[-1] == 1 else image
-            Image.fromarray(image).save(folder / names[i])
+            with naming_the_file(folder / names[i]):
+                Image.fromarray(image).save(folder / names[i])
 
 
 def _publish(partial: Path, out: Path, names: List[str], labels: torch.Tensor, manifest: Manifest) -> None:
@@ -166,7 +167,8 @@ def _finish(partial: Path, names: List[str], labels: torch.Tensor, classes: List
     if npz:
         images = read_pngs(partial / "images", names)
         rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
-        np.savez(partial / "samples.npz", arr_0=rgb, labels=labels.numpy())
+        with naming_the_file(partial / "samples.npz"):
+            np.savez(partial / "samples.npz", arr_0=rgb, labels=labels.numpy())
         images = images[shown]
     else:
         images = read_pngs(partial / "images", [names[i] for i in shown])

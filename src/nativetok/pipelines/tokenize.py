@@ -3,8 +3,10 @@
 Shards are dealt out across ranks when launched with several processes (torchrun / srun), each written
 atomically. The folder's manifest names the inputs (image index, tokenizer sha256, flip, precision): a re-run
 with the same ones skips the complete shards, one with others is refused (or starts over with `force`), so
-shards of two tokenizers never share an index. The index records the codebook size, the sequence length and
-the tokenizer's sha256, which the generator checks before training. The token shard format is data/tokens.py.
+shards of two tokenizers never share an index. While a run writes into a folder it holds the folder's lock
+(`run.lock`, as a training run does): a second run into it at the same time is refused, never interleaved.
+The index records the codebook size, the sequence length and the tokenizer's sha256, which the generator
+checks before training. The token shard format is data/tokens.py.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -33,6 +36,7 @@ from nativetok.data.shards import (
 from nativetok.data.stream import SHARD_ERRORS, DataError, ShardSpec, read_shard
 from nativetok.data.tokens import encode_ids
 from nativetok.data.transforms import ImageDecoder
+from nativetok.lit.run_folder import RunLock
 from nativetok.pipelines.ranks import process_rank, rank_device
 from nativetok.precision import autocast
 
@@ -94,7 +98,7 @@ def _wait_for(paths: List[Path], seconds: float) -> None:
 
 def _matching_images(image_index: str, tokenizer, tokenizer_path: str) -> DatasetIndex:
     """The image index, refused when its images are not the size the tokenizer encodes."""
-    images = DatasetIndex.load(image_index)
+    images = DatasetIndex.load(image_index, holds="images")
     if (images.image_size, images.channels) != (tokenizer.image_size, tokenizer.channels) and images.image_size:
         raise DataError(
             f"{image_index} holds {images.channels}x{images.image_size}px images but the tokenizer "
@@ -134,6 +138,23 @@ def _write_index(out: Path, name: str, images: DatasetIndex, splits: Sequence[st
     return index
 
 
+@contextmanager
+def _claimed(out: Path, manifest: Manifest, name: str, force: bool, wait_seconds: float, rank: int) -> Iterator[None]:
+    """`out` locked (rank 0, as a training run locks its folder: a second `tokenize` into it while this one runs
+    is refused) and claimed for `manifest` for the duration of the block."""
+    lock = RunLock(out, kind="tokenize run", elsewhere="tokenize into another --out")
+    if rank == 0:
+        lock.acquire()
+    try:
+        if rank == 0:
+            claim_folder(out, manifest, name, force)
+        else:
+            wait_for_claim(out, manifest, name, force, wait_seconds)
+        yield
+    finally:
+        lock.release()
+
+
 def tokenize_shards(
     tokenizer_path: str,
     image_index: str,
@@ -167,24 +188,21 @@ def tokenize_shards(
         "flip": flip,
         "precision": precision,
     })
-    if rank == 0:
-        claim_folder(out, manifest, name, force)
-    else:
-        wait_for_claim(out, manifest, name, force, wait_seconds)
-    jobs = _this_ranks_shards(images, splits, out, name, rank, world)
-    total = sum(spec.samples or 0 for spec, _ in jobs)
-    log.info("rank %d of %d: %d shards (%d images) to tokenize on %s", rank, world, len(jobs), total, device)
-    with tqdm(total=total, desc=f"tokenize (rank {rank})", unit="img", disable=rank != 0) as progress:
-        for spec, target in jobs:
-            _tokenize_shard(tokenizer, spec, target, batch_size, flip, device, progress, precision)
-    if rank != 0:
-        return None
-    tokens = {
-        "codebook_size": tokenizer.quantizer.codebook_size,
-        "num_tokens": tokenizer.num_active,
-        "tokenizer": str(tokenizer_path),
-        "tokenizer_sha256": tokenizer_sha256,
-        "tokenizer_kind": tokenizer.kind,
-        "flip": flip,
-    }
-    return _write_index(out, name, images, splits, tokens, manifest, wait_seconds)
+    with _claimed(out, manifest, name, force, wait_seconds, rank):
+        jobs = _this_ranks_shards(images, splits, out, name, rank, world)
+        total = sum(spec.samples or 0 for spec, _ in jobs)
+        log.info("rank %d of %d: %d shards (%d images) to tokenize on %s", rank, world, len(jobs), total, device)
+        with tqdm(total=total, desc=f"tokenize (rank {rank})", unit="img", disable=rank != 0) as progress:
+            for spec, target in jobs:
+                _tokenize_shard(tokenizer, spec, target, batch_size, flip, device, progress, precision)
+        if rank != 0:
+            return None
+        tokens = {
+            "codebook_size": tokenizer.quantizer.codebook_size,
+            "num_tokens": tokenizer.num_active,
+            "tokenizer": str(tokenizer_path),
+            "tokenizer_sha256": tokenizer_sha256,
+            "tokenizer_kind": tokenizer.kind,
+            "flip": flip,
+        }
+        return _write_index(out, name, images, splits, tokens, manifest, wait_seconds)
