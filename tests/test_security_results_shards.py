@@ -101,9 +101,12 @@ def test_ctrl_c_stops_the_workers_at_once_and_leaves_no_partial_shard(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "nativetok.cli", "shard", "folder", "--root", str(tree), "--out", str(out),
                "--name", "big", "--splits", "train", "--size", "256", "--per-shard", "2", "--workers", "2"]
-    # A terminal sends Ctrl-C to the whole foreground process group: the command and its workers.
+    # A terminal sends Ctrl-C to the whole foreground process group: the command and its workers. A command
+    # started from a background job inherits SIGINT ignored (bash does that), so the child gets a terminal's
+    # default disposition back, whatever ran this test.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while len(list(out.glob("big-train-*.tar"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)

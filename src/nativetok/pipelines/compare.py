@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -86,6 +86,18 @@ def reuse(folder: Path, inputs: Dict) -> Optional[Dict]:
         raise InputsChanged(f"{folder} was made from other inputs ({', '.join(changed)} changed): remove the folder "
                             f"to run it again with the preset as it is, or give another --out")
     return saved["result"]
+
+
+def cell(folder: Path, inputs: Dict, compute: Callable[[], Dict], progress: "Progress", kind: str, name: str) -> Dict:
+    """The recorded result of a finished cell, or `compute()` run and recorded; a progress line either way."""
+    started = time.monotonic()
+    result = reuse(folder, inputs)
+    reused = result is not None
+    if result is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        result = record(folder, inputs, compute())
+    progress.finished(kind, name, time.monotonic() - started, reused)
+    return result
 
 
 def record(folder: Path, inputs: Dict, result: Dict) -> Dict:
@@ -251,23 +263,20 @@ def tokenizer_cell(settings: ComparePreset, presets: Path, root: Path, name: str
     config = load_config(presets / settings.tokenizer_experiment,
                          [f"seed={seed}", f"run.dir={folder / 'run'}", *tokenizer_overrides(settings, presets, name)])
     inputs = {"config": to_container(config), "subset": subset_digest(subset), "classifier": classifier.label}
-    started = time.monotonic()
-    result = reuse(folder, inputs)
-    reused = result is not None
-    if result is None:
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def compute() -> Dict:
         seconds = timed_training(folder / "run", train_tokenizer, config)
         checkpoint = folder / "run" / "checkpoints" / "last.ckpt"
         tokenize_shards(str(checkpoint), subset, folder / "tokens", splits=("train", "val"))
-        result = record(folder, inputs, {
+        return {
             "seed": seed, "checkpoint": str(checkpoint), "tokens": str(folder / "tokens" / "index.json"),
             "parameters": parameter_count(config), "minutes": seconds / 60, "max_steps": config.trainer.max_steps,
             **plateau(folder / "run", config.trainer.max_steps),
             **measure_tokenizer(str(checkpoint), str(folder / "tokens" / "index.json"), evaluation, classifier,
                                 folder),
-        })
-    progress.finished("tokenizer", f"{name} seed {seed}", time.monotonic() - started, reused)
-    return result
+        }
+
+    return cell(folder, inputs, compute, progress, "tokenizer", f"{name} seed {seed}")
 
 
 def subset_digest(subset: str) -> str:
@@ -333,16 +342,13 @@ def arm_cell(settings: ComparePreset, presets: Path, root: Path, name: str, seed
     ])
     inputs = {"config": to_container(config), "tokenizer": made, "samples": settings.samples,
               "inception_images": settings.inception_images, "classifier": classifier.label}
-    started = time.monotonic()
-    result = reuse(folder, inputs)
-    reused = result is not None
-    if result is None:
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def compute() -> Dict:
         seconds = timed_training(folder / "generator", train_generator, config)
-        result = record(folder, inputs, {"seed": seed, "minutes": seconds / 60,
-                                         **measure_arm(folder, config, made, settings, evaluation, classifier, seed)})
-    progress.finished("arm", f"{name} seed {seed}", time.monotonic() - started, reused)
-    return result
+        return {"seed": seed, "minutes": seconds / 60,
+                **measure_arm(folder, config, made, settings, evaluation, classifier, seed)}
+
+    return cell(folder, inputs, compute, progress, "arm", f"{name} seed {seed}")
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -451,7 +457,8 @@ def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List
     text = "\n".join(lines) + "\n"
     (root / "study.md").write_text(text)
     report = {"seeds": seeds, "verdict": decision, "minutes": minutes, "classifier": classifier,
-              "differences": {k: {"values": list(d.differences), "mean": d.summary.mean, "interval": d.interval()}
+              "differences": {k: {"values": list(d.differences), "mean": d.summary.mean,
+                                  "interval": list(d.interval())}
                               for k, d in differences.items()},
               "arms": arms, "tokenizers": tokenizers}
     (root / "study.json").write_text(json.dumps(report, indent=1) + "\n")
