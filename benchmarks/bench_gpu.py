@@ -43,9 +43,9 @@ from benchmarks.common import (  # noqa: E402
     table,
     train_steps,
 )
+from benchmarks.profiling import sampling_throughput  # noqa: E402
 from nativetok.models import ARGenerator, NativeTokenizer  # noqa: E402
 from nativetok.models.graphs import FixedShapeStep  # noqa: E402
-from nativetok.models.sampling import sampling_throughput  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ writes data (it runs no model), and `eval/` measures (it trains nothing).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
@@ -16,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nativetok"
 
 LAYERS: Dict[str, int] = {
     "nativetok.config": 0, "nativetok.losses": 0, "nativetok.io": 0, "nativetok.precision": 0,
-    "nativetok.profiling": 0, "nativetok.version": 0, "nativetok.pixels": 0,
+    "nativetok.version": 0, "nativetok.pixels": 0, "nativetok.progress": 0,
     "nativetok.models": 1, "nativetok.checkpoints": 1,
     "nativetok.data": 2,
     "nativetok.lit": 3,
@@ -110,3 +111,47 @@ def test_no_function_is_longer_than_the_limit():
                 if lines > MAX_FUNCTION_LINES and (path.name, node.name) not in LONGER_ALLOWED:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}: {lines} lines")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def module_graph() -> Dict[str, set]:
+    """module -> the package's modules it imports (lazy imports included), by file."""
+    names = {module_name(path): path for path in sources()}
+    graph = {}
+    for name, path in names.items():
+        targets = {target for _, target in imports(name, path.read_text(), path.name == "__init__.py")}
+        graph[name] = {target for target in targets if target in names and target != name}
+    return graph
+
+
+def circles(graph: Dict[str, set]) -> List[List[str]]:
+    """Every import circle, found by a depth-first walk (each circle once, from its first module found)."""
+    found, state = [], {}
+
+    def walk(name: str, path: List[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph.get(name, ())):
+            if state.get(target) == "open":
+                found.append(path[path.index(target):] + [target])
+            elif target not in state:
+                walk(target, path + [target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name, [name])
+    return found
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    assert circles(module_graph()) == []
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_the_walkthrough_is_on_the_readmes_first_screen_and_names_only_files_that_exist():
+    root = PACKAGE.parents[1]
+    assert "docs/architecture.md" in "\n".join((root / "README.md").read_text().splitlines()[:60])
+    text = (root / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`([\w/]+\.(?:py|yaml))", text))
+    assert len(named) > 15
+    missing = [name for name in named if not ((PACKAGE / name).is_file() or (root / name).is_file())]
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"

@@ -61,9 +61,18 @@ def test_time_limits_are_read_as_sbatch_reads_them(text, seconds):
     assert parse_time(slurm_time(seconds)) == seconds  # what is rendered means the same to SLURM
 
 
+@pytest.mark.parametrize("text", ["UNLIMITED", "unlimited", "INFINITE", "Infinite", "-1", "0", "0:00", "0-0"])
+def test_no_time_limit_is_read_as_sbatch_reads_it_and_rendered_unlimited(text, tmp_path):
+    assert parse_time(text) is None and slurm_time(None) == "UNLIMITED"
+    script = render(EXPERIMENT, [], Resources(time=text), venv=tmp_path, workdir=tmp_path)
+    assert "#SBATCH --time=UNLIMITED\n" in script
+
+
 @pytest.mark.parametrize("text, problem", [
     ("two days", "is not one of minutes"), ("1:2:3:4", "is not one of"), ("-5", "is not one of"),
     ("2-", "is not one of"), ("1.5", "is not one of"), ("1", "ends before the SIGUSR1"), ("0:30", "ends before"),
+    ("UNLIMITED2", "is not one of"), ("forever", "is not one of"), ("-1:00", "is not one of"), ("", "is not one of"),
+    (" 90", "is not one of"), ("1-2-3", "is not one of"),
 ])
 def test_time_limits_sbatch_would_refuse_or_that_leave_no_time_to_checkpoint_are_refused(text, problem):
     with pytest.raises(ValueError, match=f"--time: .*{problem}"):

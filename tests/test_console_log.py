@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 
 from nativetok.config import ConfigError
 from nativetok.lit.console import ConsoleLog, StepProgressBar, progress, shows_bar
@@ -57,7 +58,7 @@ def test_without_a_bar_each_logging_step_writes_one_line(tiny_config, caplog):
         trainer, _ = fit(config)
     lines = [r.getMessage() for r in caplog.records if r.name == "nativetok.lit.console"]
     assert len(lines) == 3
-    pattern = (r"step (\d)/6 \((50|100)\.0%\) \| \d+ img/s \| loss (\S+) quantizer_loss \S+ rec_loss \S+ \| "
+    pattern = (r"step (\d)/6 \((50|100)\.0%\) \| \S+ img/s \| loss (\S+) quantizer_loss \S+ rec_loss \S+ \| "
                r"lr \S+ \| HNT stage 1: 8 experts \| ETA \d\d:\d\d:\d\d")
     steps = [re.fullmatch(pattern, line) for line in lines[:2]]
     assert all(steps), lines
@@ -79,16 +80,28 @@ def test_the_line_logger_reads_the_device_only_on_logging_steps(tiny_config):
         assert counter.syncs == {} and counter.host_data == {}, (step, counter.syncs, counter.host_data)
 
 
+class SaysAtStep(pl.Callback):
+    """Logs a record in the middle of training, while the bar shows."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            logging.getLogger("nativetok.test").warning("step three")
+
+
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_the_bar_counts_steps_toward_max_steps_across_epochs_and_resumes(tiny_config, capsys):
-    """Two steps an epoch: Lightning's own bar would restart at 0 of 2 each epoch."""
+    """Two steps an epoch: Lightning's own bar would restart at 0 of 2 each epoch. A record logged while it
+    shows is written through the bar (`tqdm.write`, on a line of its own), and only while it shows."""
     overrides = ["trainer.log_every_n_steps=2", "trainer.val_every_n_steps=100", "trainer.progress_bar=true",
                  "data.train_samples_per_epoch=32"]
-    trainer, _ = fit(tiny_config("trainer.max_steps=6", *overrides))
+    handlers = list(logging.getLogger().handlers)
+    trainer, _ = fit(tiny_config("trainer.max_steps=6", *overrides), [SaysAtStep()])
     bar = trainer.progress_bar_callback.train_progress_bar
     assert trainer.current_epoch == 3 and (bar.total, bar.n) == (6, 6)
-    shown = capsys.readouterr().out
-    assert "6/6" in shown and "Epoch" not in shown
+    shown = capsys.readouterr()
+    assert "6/6" in shown.out and "Epoch" not in shown.out
+    assert "step three" in shown.err.splitlines()  # pytest's own handlers alone would keep it off stderr
+    assert logging.getLogger().handlers == handlers
     last = Path(tiny_config().run.dir) / "checkpoints" / "last.ckpt"
     trainer, _ = fit(tiny_config("trainer.max_steps=8", *overrides), ckpt_path=str(last))
     bar = trainer.progress_bar_callback.train_progress_bar

@@ -1,12 +1,10 @@
-"""`nativetok export`: a checkpoint as model.safetensors + config.json + README.md that the loaders take (also
-as a Hugging Face Hub repo id), giving the very ids and images the checkpoint gives, under the same checks."""
+"""`nativetok export`: a checkpoint as model.safetensors + config.json + README.md that the loaders take, giving
+the very ids and images the checkpoint gives, under the same checks (as a Hub repo id: tests/test_hub.py)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -148,32 +146,3 @@ def test_damaged_mismatched_and_misused_exports_are_refused(run, tmp_path, capsy
     assert main(["export", str(run["tok"]), str(tmp_path / "mine")]) == 2
     assert "is not an earlier export" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
-
-
-def test_a_hub_repo_id_loads_the_snapshot_that_snapshot_download_returns(run, images, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the ids below are no paths here
-    repos = {"someone/tiny-tok": run["tok_export"], "someone/tiny-gen": run["gen_export"]}
-    asked = []
-
-    def snapshot_download(repo_id: str) -> str:
-        asked.append(repo_id)
-        if repo_id not in repos:
-            raise OSError(f"404 {repo_id}")
-        return str(repos[repo_id])
-
-    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
-    ids = load_tokenizer(run["tok"]).encode(images)
-    assert torch.equal(load_tokenizer("someone/tiny-tok").encode(images), ids)
-    assert torch.equal(load_generator("someone/tiny-gen").sample(LABELS, seed=1),
-                       load_generator(run["gen"]).sample(LABELS, seed=1))
-    _, path = load_generator_tokenizer("someone/tiny-gen")
-    assert path == (run["gen_export"] / "tokenizer").resolve()
-    with pytest.raises(CheckpointError, match="nor a Hugging Face Hub repo that could be downloaded.*404"):
-        load_tokenizer("someone/missing")
-    assert asked == ["someone/tiny-tok", "someone/tiny-gen", "someone/tiny-gen", "someone/missing"]
-
-    with pytest.raises(CheckpointError, match="checkpoint not found: runs/last.ckpt$"):  # a file, not a repo id
-        load_tokenizer("runs/last.ckpt")
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
-    with pytest.raises(CheckpointError, match="pip install huggingface_hub"):
-        load_tokenizer("someone/tiny-tok")

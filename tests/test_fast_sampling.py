@@ -9,18 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.profiling import DispatchCounter, dispatch_cost_per_token, sampling_throughput
 from nativetok.models import ARGenerator, MaskGITGenerator, ar, graphs, maskgit
 from nativetok.models.layers import Rotary, rotate_pairs
 from nativetok.models.maskgit import masked_after_step
-from nativetok.models.sampling import (
-    StepKey,
-    dispatch_cost_per_token,
-    filter_logits,
-    guidance_scale,
-    guide,
-    sampling_throughput,
-)
-from nativetok.profiling import DispatchCounter
+from nativetok.models.sampling import StepKey, filter_logits, guidance_scale, guide
 
 LABELS = torch.tensor([0, 1, 2, 3, 4, 0])
 AOT_EAGER = {"backend": "aot_eager"}

@@ -82,7 +82,7 @@ def test_sigkill_in_a_growth_stage_then_the_same_command_resumes_exactly(tmp_pat
     assert "resuming from" in log and "last.ckpt" in log
     assert f"HNT stage {1 if saved < 16 else 2}" in log  # the stage, its expert count and frozen set reapplied
     whole_loss, resumed_loss = scalars(tmp_path / "whole", "train/loss"), scalars(run_dir, "train/loss")
-    whole_lr, resumed_lr = scalars(tmp_path / "whole", "train/lr"), scalars(run_dir, "train/lr")
+    whole_lr, resumed_lr = scalars(tmp_path / "whole", "train/lr/decay"), scalars(run_dir, "train/lr/decay")
     later = [step for step in whole_loss if step >= saved]
     assert later and all(resumed_loss[s] == pytest.approx(whole_loss[s], rel=1e-6) for s in later)
     assert all(resumed_lr[s] == pytest.approx(whole_lr[s], rel=1e-6) for s in later)

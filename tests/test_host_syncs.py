@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from benchmarks.profiling import DispatchCounter
 from nativetok.lit.train import build_trainer, generator_module
 from nativetok.models.graphs import encoder_key
 from nativetok.models.tokenizer import NativeTokenizer, build_tokenizer
 from nativetok.pixels import to_signed
-from nativetok.profiling import DispatchCounter
 
 from .conftest import random_token_batches, tiny_generator_config
 from .test_stage1_training import fit

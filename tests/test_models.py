@@ -53,11 +53,11 @@ def test_changing_tokens_from_position_j_on_changes_no_earlier_token(tiny_config
             self.normalized_codebook, self.finish = quantizer.normalized_codebook, quantizer.finish
 
         def snap(self, vectors, codebook):
-            z, ids, codes = self.quantizer.snap(vectors, codebook)
+            snapped = self.quantizer.snap(vectors, codebook)
             if self.calls >= j:
-                codes = torch.roll(codes, 1, dims=0)  # another image's token
+                snapped = snapped._replace(codes=torch.roll(snapped.codes, 1, dims=0))  # another image's token
             self.calls += 1
-            return z, ids, codes
+            return snapped
 
     clean = tokenizer.experts(z, tokenizer.quantizer, 8)
     perturbed = tokenizer.experts(z, Perturbing(tokenizer.quantizer), 8)
@@ -118,6 +118,10 @@ def test_the_kind_registry_builds_one_class_per_kind(tiny_config):
     config = tiny_config().tokenizer
     with pytest.raises(TypeError, match="build_tokenizer"):
         NativeTokenizer(config, 32, 1)
+    with pytest.raises(ValueError, match="registered twice"):  # one class per kind, as for generators
+        type("Again", (NativeTokenizer,), {}, kind="parallel")
+    with pytest.raises(ValueError, match="not one of"):
+        type("Unknown", (NativeTokenizer,), {}, kind="pixels")
     config.kind = "other"
     with pytest.raises(ValueError, match="unknown tokenizer kind 'other'"):
         build_tokenizer(config, 32, 1)

@@ -188,3 +188,18 @@ def test_a_tiny_study_runs_every_arm_pairs_seeds_and_resumes(tmp_path, fmnist_in
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(preset))
     with pytest.raises(ValueError, match="other inputs"):
         compare(str(tmp_path / "tiny.yaml"), tmp_path / "out")
+
+
+def test_a_new_schema_key_at_its_default_keeps_a_finished_cell_and_any_changed_value_refuses_it():
+    from nativetok.pipelines.compare import changed_inputs, schema_defaults
+
+    made = schema_defaults()
+    saved = {"config": json.loads(json.dumps(made)), "samples": 20}
+    del saved["config"]["generator"]["order_seed"]  # recorded before the schema had this key
+    saved["config"]["trainer"]["retired_option"] = 3  # a key the schema has since lost
+    assert changed_inputs(saved, {"config": made, "samples": 20}) == []
+    seeded = json.loads(json.dumps(made))
+    seeded["generator"]["order_seed"] += 1  # a new key away from its default changes what the cell computes
+    seeded["optim"]["lr"] *= 2
+    assert changed_inputs(saved, {"config": seeded, "samples": 30}) == [
+        "config.generator.order_seed", "config.optim.lr", "samples"]

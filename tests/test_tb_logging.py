@@ -8,13 +8,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nativetok.lit.callbacks import SampleGrid, labelled_grid, prefix_lengths
+from nativetok.lit.callbacks import SampleGrid, labelled_grid
+from nativetok.lit.optim import scaled_lr, warmup_cosine
 from nativetok.lit.train import build_trainer, generator_module, train_tokenizer
+from nativetok.models.tokenizer import prefix_lengths
 
 from .conftest import random_token_batches, tiny_generator_config
 
@@ -36,9 +39,22 @@ def scalar_steps(accumulator: EventAccumulator, tag: str) -> dict:
     return {e.step: e.value for e in accumulator.Scalars(tag)}
 
 
+def logged_lr_follows_the_schedule(accumulator: EventAccumulator, config, steps: set) -> None:
+    """LearningRateMonitor's scalars, one per parameter group (with and without weight decay): the learning rate
+    each logged step trained with."""
+    o = config.optim
+    for group in ("decay", "no_decay"):
+        logged = scalar_steps(accumulator, f"train/lr/{group}")
+        assert set(logged) == steps
+        for step, value in logged.items():
+            expected = scaled_lr(config) * warmup_cosine(step, o.warmup_steps, config.trainer.max_steps, o.min_lr_ratio)
+            assert value == pytest.approx(expected, rel=1e-6)
+
+
 def test_prefix_lengths_double_up_to_below_the_active_count():
-    assert prefix_lengths(1) == [] and prefix_lengths(2) == [1]
-    assert prefix_lengths(8) == [1, 2, 4] and prefix_lengths(9) == [1, 2, 4, 8] and prefix_lengths(128)[-1] == 64
+    assert prefix_lengths(1) == [1] and prefix_lengths(2) == [1, 2]
+    assert prefix_lengths(8) == [1, 2, 4, 8] and prefix_lengths(9) == [1, 2, 4, 8, 9]
+    assert prefix_lengths(128)[-2:] == [64, 128]
 
 
 def test_a_grid_enlarges_small_images_pixel_for_pixel_and_labels_every_row():
@@ -73,6 +89,7 @@ def test_stage1_logs_prefix_psnr_and_one_labelled_grid_per_evaluation_at_its_ste
     assert set(scalar_steps(tb, "val/psnr@1")) == set(scalar_steps(tb, "val/psnr@2")) == {2, 4}
     assert set(scalar_steps(tb, "val/psnr@4")) == {4} and "val/psnr@8" not in tb.Tags()["scalars"]
     assert scalar_steps(tb, "val/psnr@2")[2] == psnr[2] and scalar_steps(tb, "val/psnr@4")[4] == psnr[4]
+    logged_lr_follows_the_schedule(tb, config, {0, 1, 2, 3})
     logged = np.array(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB"))
     assert np.array_equal(np.array(Image.open(run_dir / "reconstructions.png").convert("RGB")), logged)
 
@@ -84,7 +101,7 @@ def test_stage2_sample_rows_are_named_by_class_and_logged_with_their_evaluation(
     config = tiny_generator_config(
         tmp_path / "gen", "ar", f"generator.tokenizer={tokenizer_run / 'checkpoints' / 'last.ckpt'}",
         f"data.index={tmp_path / 'tokens' / 'index.json'}", "trainer.max_steps=4", "trainer.val_every_n_steps=2",
-        "sampling.grid_per_class=2",
+        "sampling.grid_per_class=2", "trainer.log_every_n_steps=2",
     )
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
@@ -106,5 +123,6 @@ def test_stage2_sample_rows_are_named_by_class_and_logged_with_their_evaluation(
     assert [e.step for e in samples] == [2, 4]
     assert [e.step for e in tb.Images("val/bits_per_position")] == [2, 4]
     assert set(scalar_steps(tb, "val/loss")) == {2, 4}
+    logged_lr_follows_the_schedule(tb, config, {1, 3})  # Lightning writes the logs of every second step
     assert all(e.height == 10 * 66 + 2 and e.width > 2 * 66 + 2 for e in samples)  # a row per class
     assert (tmp_path / "samples.png").is_file()

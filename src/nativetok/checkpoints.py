@@ -5,11 +5,13 @@ A generator decodes with the tokenizer that made its tokens; a path alone does n
 sha256 and records where to find it from anywhere: an absolute path and one relative to the run folder.
 
 Every loader here also takes a folder written by `nativetok export` (model.safetensors, config.json), or a
-Hugging Face Hub repo id (`owner/name`, downloaded as `from_pretrained` does). An exported folder is named by
-the sha256 of the checkpoint it was exported from, once its weights are checked against the sha256 recorded
-beside them: it holds the weights the loaders take from that checkpoint (the moving average when there is
-one), so a generator pinned to a tokenizer checkpoint decodes with that tokenizer's export, and token shards
-made with either match. Weights replaced or damaged after export are refused.
+Hugging Face Hub repo id (`owner/name`, at a `revision`: branch, tag or commit), whose snapshot is downloaded
+as `from_pretrained` does and then read exactly as an exported folder: the same checks, no other path. An
+exported folder is named by the sha256 of the checkpoint it was exported from, once its weights are checked
+against the sha256 recorded beside them: it holds the weights the loaders take from that checkpoint (the
+moving average when there is one), so a generator pinned to a tokenizer checkpoint decodes with that
+tokenizer's export, and token shards made with either match. Weights replaced or damaged after export are
+refused.
 
 A checkpoint or export may come from anyone: its stored config passes the command line's checks, its
 shapes are compared with its weights on the meta device before a module is allocated, a pin is matched
@@ -48,17 +50,24 @@ SIZE_FIELDS = ("width", "depth", "heads", "mlp_ratio", "num_tokens", "codebook_s
                "patch_size", "channels", "layers", "num_classes")
 # owner/name as the Hub spells repo ids; a name ending in .ckpt is a missing file, not a repo.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?<!\.ckpt)$")
+# What a loader downloads from a Hub repo: the files an export's loaders read, never a pickle or anything else.
+HUB_FILES = (CONFIG_FILE, WEIGHTS_FILE, f"{TOKENIZER_FOLDER}/{CONFIG_FILE}", f"{TOKENIZER_FOLDER}/{WEIGHTS_FILE}")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or of another kind than asked for."""
 
 
-def local_model_path(path: str | os.PathLike) -> Path:
+def local_model_path(path: str | os.PathLike, revision: Optional[str] = None) -> Path:
     """`path` itself when it exists or cannot be a Hub repo id; else the local snapshot of Hugging Face Hub repo
-    `path` (downloaded, or taken from the Hub's cache, as `from_pretrained` does)."""
+    `path` at `revision` (a branch, tag or commit; None: main), downloaded or taken from the Hub's cache as
+    `from_pretrained` does, with only the files a loader reads (`HUB_FILES`). Callers that read the model more
+    than once (load it, then hash it for a manifest) resolve it once, so that every step reads one commit."""
     local = Path(path)
     if local.exists() or not HUB_ID.match(str(path)):
+        if revision is not None:
+            raise CheckpointError(f"revision {revision} names a version of a Hugging Face Hub repo, but {path} is "
+                                  f"{'a path here' if local.exists() else 'no repo id (owner/name)'}")
         return local
     try:
         from huggingface_hub import snapshot_download
@@ -66,20 +75,22 @@ def local_model_path(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"checkpoint not found: {path} (to read it as a Hugging Face Hub repo id, "
                               f"pip install huggingface_hub)") from None
     try:
-        return Path(snapshot_download(repo_id=str(path)))
+        return Path(snapshot_download(repo_id=str(path), revision=revision, allow_patterns=list(HUB_FILES)))
     except Exception as error:
+        at = f" at revision {revision}" if revision is not None else ""
         raise CheckpointError(f"checkpoint not found: {path} is neither a file or folder here nor a Hugging Face "
-                              f"Hub repo that could be downloaded ({type(error).__name__}: {error})") from None
+                              f"Hub repo that could be downloaded{at} ({type(error).__name__}: {error})") from None
 
 
 def is_export(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
 
 
-def read_checkpoint(path: str | os.PathLike, kind: Optional[str], map_location="cpu") -> dict:
+def read_checkpoint(path: str | os.PathLike, kind: Optional[str], map_location="cpu",
+                    revision: Optional[str] = None) -> dict:
     """The checkpoint dict, after checking that it is a NativeTok checkpoint of `kind` (None: either kind).
-    An exported folder or Hub repo id gives the same dict, with only the exported weights in it."""
-    path = local_model_path(path)
+    An exported folder or Hub repo id (at `revision`) gives the same dict, with only the exported weights in it."""
+    path = local_model_path(path, revision)
     if path.is_dir():
         return read_export(path, kind)
     if not path.is_file():
@@ -250,9 +261,11 @@ def bytes_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True) -> NativeTokenizer:
-    """A trained tokenizer in eval mode (its moving-average weights when it has them and `ema` is set)."""
-    return tokenizer_from_checkpoint(read_checkpoint(path, "tokenizer"), device, ema)
+def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True,
+                   revision: Optional[str] = None) -> NativeTokenizer:
+    """A trained tokenizer in eval mode (its moving-average weights when it has them and `ema` is set), from a
+    checkpoint, an export, or a Hub repo id at `revision`."""
+    return tokenizer_from_checkpoint(read_checkpoint(path, "tokenizer", revision=revision), device, ema)
 
 
 def tokenizer_from_checkpoint(
@@ -287,10 +300,11 @@ def generator_config(path: str | os.PathLike) -> ExperimentConfig:
 
 
 def load_generator(
-    path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True
+    path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True, revision: Optional[str] = None
 ) -> Generator:
-    """A trained generator in eval mode (its moving-average weights when it has them and `ema` is set)."""
-    return generator_from_checkpoint(read_checkpoint(path, "generator"), device, ema)
+    """A trained generator in eval mode (its moving-average weights when it has them and `ema` is set), from a
+    checkpoint, an export, or a Hub repo id at `revision`."""
+    return generator_from_checkpoint(read_checkpoint(path, "generator", revision=revision), device, ema)
 
 
 def generator_from_checkpoint(
@@ -405,10 +419,11 @@ def pinned_tokenizer(
 
 def load_generator_tokenizer(
     generator_path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer_path: Optional[str] = None,
-    mismatch_ok: bool = False,
+    mismatch_ok: bool = False, revision: Optional[str] = None,
 ) -> Tuple[NativeTokenizer, Path]:
-    """The pinned tokenizer of a generator (see `pinned_tokenizer`), checked for its sizes, and its path."""
-    generator_path = local_model_path(generator_path)
+    """The pinned tokenizer of a generator (see `pinned_tokenizer`; a Hub repo's is the one bundled in the
+    snapshot at `revision`), checked for its sizes, and its path."""
+    generator_path = local_model_path(generator_path, revision)
     checkpoint = read_checkpoint(generator_path, "generator")
     path, _ = pinned_tokenizer(generator_path, checkpoint, tokenizer_path, mismatch_ok)
     g = from_container(checkpoint["hyper_parameters"]["config"]).generator

@@ -41,18 +41,58 @@ def _shard(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> None:
+    """The resolved config; with -m, every combination's, each under a comment naming its swept values."""
     from nativetok.config import load_config, to_yaml
+    from nativetok.config.loading import override_combinations
 
-    print(to_yaml(load_config(args.experiment, args.overrides)), end="")
+    combinations = override_combinations(args.overrides, args.multirun)
+    for number, combination in enumerate(combinations):
+        if args.multirun:
+            swept = " ".join(f"{key}={value}" for key, value in combination.swept.items())
+            print(f"# combination {number} of {len(combinations)}: {swept or 'nothing swept'}")
+        print(to_yaml(load_config(args.experiment, combination.overrides)), end="")
 
 
-def _train(args: argparse.Namespace) -> None:
+# Exit codes of a sweep: a run failed; a run was stopped by a signal (as an interrupted command).
+SWEEP_FAILED, SWEEP_STOPPED = 1, 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    """One run; with -m a sweep of runs (exit code 1 when one failed); with --sweep-task one task of a submitted
+    sweep's job array."""
+    import os
+
+    if args.sweep_task and (args.multirun or args.sweep_dir):
+        raise ValueError("--sweep-task runs one task of a submitted sweep: -m and --sweep-dir do not go with it")
+    if args.sweep_task:
+        from nativetok.pipelines.sweep import FINISHED, STOPPED, run_task
+
+        outcome = run_task(args.experiment, Path(args.sweep_task), args.overrides,
+                           os.environ.get("SLURM_ARRAY_TASK_ID"))
+        return 0 if outcome["state"] in (FINISHED, STOPPED) else SWEEP_FAILED  # a stop is requeued, not failed
+    if args.multirun:
+        from nativetok.pipelines.sweep import FAILED, STOPPED, run_sweep, summary_table
+
+        rows = run_sweep(args.experiment, args.overrides, args.sweep_dir and Path(args.sweep_dir))
+        print(summary_table(rows), end="")
+        states = {row["state"] for row in rows}
+        return SWEEP_STOPPED if STOPPED in states else SWEEP_FAILED if FAILED in states else 0
+    if args.sweep_dir:
+        raise ValueError("--sweep-dir is the folder of a sweep: give -m (--multirun) too")
     from nativetok.config import load_config
+    from nativetok.config.loading import override_combinations
 
-    config = load_config(args.experiment, args.overrides)
+    config = load_config(args.experiment, override_combinations(args.overrides, multirun=False)[0].overrides)
     from nativetok.lit.train import train_generator, train_tokenizer
 
     (train_tokenizer if config.stage == "tokenizer" else train_generator)(config)
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> None:
+    from nativetok.pipelines.sweep import summarize, summary_table
+
+    print(summary_table(summarize(Path(args.sweep_dir))), end="")
 
 
 def _precision_option(parser: argparse.ArgumentParser) -> None:
@@ -70,12 +110,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _hub_revision_option(parser: argparse.ArgumentParser, flag: str, model: str) -> None:
+    parser.add_argument(flag, default=None, metavar="REV",
+                        help=f"when {model} is a Hugging Face Hub repo id (owner/name): its branch, tag or commit "
+                             "(default main; a commit pins the version)")
+
+
+def _local_model(path: Optional[str], revision: Optional[str]) -> Optional[str]:
+    """A Hub repo id as the folder of its snapshot at `revision`, resolved once: loading the model, hashing it for
+    a manifest and finding a generator's bundled tokenizer then all read that one commit."""
+    from nativetok.checkpoints import CheckpointError, local_model_path
+
+    if path is None:
+        if revision is not None:
+            raise CheckpointError(f"revision {revision} is given without the model it is a revision of")
+        return None
+    return str(local_model_path(path, revision))
+
+
 def _tokenize(args: argparse.Namespace) -> None:
     from nativetok.pipelines.tokenize import tokenize_shards
 
     tokenize_shards(
-        args.tokenizer, args.data, Path(args.out), splits=args.splits, batch_size=args.batch_size,
-        flip=args.flip, device=args.device, precision=args.precision, force=args.force,
+        _local_model(args.tokenizer, args.revision), args.data, Path(args.out), splits=args.splits,
+        batch_size=args.batch_size, flip=args.flip, device=args.device, precision=args.precision, force=args.force,
     )
 
 
@@ -93,8 +151,9 @@ def _sample(args: argparse.Namespace) -> None:
     sampling = {field: getattr(args, option[2:].replace("-", "_")) for field, option in SAMPLING_OPTIONS.items()}
     check_sampling_options(sampling, SAMPLING_OPTIONS)
     sample_to_folder(
-        args.generator, Path(args.out), classes=args.classes, per_class=args.per_class,
-        tokenizer_path=args.tokenizer, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        _local_model(args.generator, args.revision), Path(args.out), classes=args.classes, per_class=args.per_class,
+        tokenizer_path=_local_model(args.tokenizer, args.tokenizer_revision), seed=args.seed,
+        batch_size=args.batch_size, device=args.device,
         png=args.format in ("png", "both"), npz=args.format in ("npz", "both"), precision=args.precision,
         tokenizer_mismatch_ok=args.tokenizer_mismatch_ok, **sampling,
     )
@@ -104,7 +163,8 @@ def _eval_fid(args: argparse.Namespace) -> None:
     from nativetok.eval.fid import evaluate_fid
 
     evaluate_fid(
-        tokenizer_path=args.tokenizer, generator_path=args.generator, samples=args.samples, num=args.num,
+        tokenizer_path=_local_model(args.tokenizer, args.tokenizer_revision),
+        generator_path=_local_model(args.generator, args.generator_revision), samples=args.samples, num=args.num,
         data=args.data, real_split=args.split, reference_split=args.reference_split, inception=args.inception,
         device=args.device, seed=args.seed, out=Path(args.out), precision=args.precision,
         tokenizer_mismatch_ok=args.tokenizer_mismatch_ok, reference_images=args.reference_images,
@@ -139,10 +199,19 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from nativetok.pipelines.export import export
+    from nativetok.pipelines.export import DEFAULT_LICENSE, export
 
     print(export(args.checkpoint, Path(args.out), tokenizer=args.tokenizer, include_tokenizer=not args.no_tokenizer,
-                 force=args.force))
+                 force=args.force, license=args.license or DEFAULT_LICENSE))
+
+
+def _push(args: argparse.Namespace) -> None:
+    from nativetok.pipelines.export import push_to_hub
+
+    commit = push_to_hub(args.source, args.repo_id, revision=args.revision, private=args.private or None,
+                         commit_message=args.message)
+    print(commit.commit_url)
+    print(f"load this version with revision {commit.oid}")
 
 
 def _ablate(args: argparse.Namespace) -> None:
@@ -152,13 +221,21 @@ def _ablate(args: argparse.Namespace) -> None:
 
 
 def _submit(args: argparse.Namespace) -> None:
-    from nativetok.cluster.slurm import Resources, Site, submit
-    from nativetok.config.loading import resolve_experiment
+    """One job; with -m one job array, a task per combination (--max-concurrent of them at once)."""
+    from nativetok.cluster.slurm import Resources, Site, submit, submit_sweep
+    from nativetok.config.loading import override_combinations, resolve_experiment
 
     resources = Resources(args.nodes, args.gpus, args.cpus_per_task, args.time, args.partition, args.account)
     site = Site(args.sbatch, args.setup, args.template)
     experiment = str(resolve_experiment(args.experiment))  # the job script names the file, not the name
-    job = submit(experiment, args.overrides, resources, venv=Path(args.venv), dry_run=args.dry_run, site=site)
+    if args.multirun:
+        job = submit_sweep(experiment, args.overrides, resources, args.sweep_dir and Path(args.sweep_dir),
+                           venv=Path(args.venv), dry_run=args.dry_run, site=site, max_concurrent=args.max_concurrent)
+    elif args.sweep_dir or args.max_concurrent:
+        raise ValueError("--sweep-dir and --max-concurrent are options of a sweep: give -m (--multirun) too")
+    else:
+        overrides = override_combinations(args.overrides, multirun=False)[0].overrides
+        job = submit(experiment, overrides, resources, venv=Path(args.venv), dry_run=args.dry_run, site=site)
     if job:
         print(job)
 
@@ -186,8 +263,10 @@ typical tasks (`nativetok <command> --help` for each command's options):
 """
 
 EXPERIMENT_HELP = "a name (fmnist_tiny: experiments/fmnist_tiny.yaml, here or in the repository) or a path"
-OVERRIDES_HELP = ("+group=name merges experiments/<group>/<name>.yaml (e.g. +trainer=gpu), then key=value, "
-                  "e.g. trainer.max_steps=200 data.batch_size=64")
+OVERRIDES_HELP = ("group=name (or +group=name) merges experiments/<group>/<name>.yaml (e.g. trainer=gpu), then "
+                  "key=value, e.g. trainer.max_steps=200 data.batch_size=64; they may stand before or after options")
+MULTIRUN_HELP = ("a sweep over every combination of comma-separated values (seed=0,1,2 optim.lr=1e-4,3e-4: 6 runs); "
+                 "one value holding commas is quoted (run.name='a,b') or a list (optim.betas=[0.9,0.95])")
 
 
 def _experiments_epilog() -> str:
@@ -200,9 +279,11 @@ def _experiments_epilog() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _experiment_arguments(command: argparse.ArgumentParser) -> None:
+def _experiment_arguments(command: argparse.ArgumentParser, sweep: str) -> None:
+    """The experiment and its overrides (anywhere among the options: see `main`), and -m for `sweep`."""
     command.add_argument("experiment", help=EXPERIMENT_HELP)
     command.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    command.add_argument("-m", "--multirun", action="store_true", help=f"{sweep}: {MULTIRUN_HELP}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,11 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train the stage an experiment describes", epilog=experiments,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    _experiment_arguments(train)
+    _experiment_arguments(train, "train every combination, one after another, each in <sweep dir>/<n>; a summary "
+                                 "table of their final validation metrics at the end (exit code 1 if one failed)")
+    train.add_argument("--sweep-dir", default=None, metavar="DIR",
+                       help="the sweep folder (default runs/multirun/<experiment>/<date>_<time>); the same folder "
+                            "again continues that sweep")
+    train.add_argument("--sweep-task", default=None, metavar="DIR",
+                       help="run one task of a sweep submitted as a job array: the combination numbered "
+                            "$SLURM_ARRAY_TASK_ID in DIR/sweep.json (overrides given here apply after its own)")
     train.set_defaults(func=_train)
 
     tokenize = commands.add_parser("tokenize", help="encode image shards into token shards with a tokenizer")
-    tokenize.add_argument("--tokenizer", required=True, help="stage-1 checkpoint")
+    tokenize.add_argument("--tokenizer", required=True,
+                          help="a checkpoint, an export folder or a Hugging Face Hub repo id (owner/name)")
+    _hub_revision_option(tokenize, "--revision", "--tokenizer")
     tokenize.add_argument("--data", default="data/fmnist/index.json", help="index.json of the image shards")
     tokenize.add_argument("--out", required=True, help="folder for the token shards and their index.json")
     tokenize.add_argument("--splits", nargs="+", default=["train", "val"])
@@ -271,8 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser(
         "sample", help="class-conditional samples of a generator, decoded to images",
         description="Under torchrun or srun the ranks share the batches and write the images one process would.")
-    sample.add_argument("--generator", required=True, help="stage-2 checkpoint")
+    sample.add_argument("--generator", required=True,
+                        help="a checkpoint, an export folder or a Hugging Face Hub repo id (owner/name)")
+    _hub_revision_option(sample, "--revision", "--generator")
     sample.add_argument("--tokenizer", default=None, help="default: the one the generator was trained with")
+    _hub_revision_option(sample, "--tokenizer-revision", "--tokenizer")
     sample.add_argument("--out", required=True)
     sample.add_argument("--classes", type=int, nargs="+", default=None, help="default: every class")
     sample.add_argument("--per-class", type=_positive_int, default=8)
@@ -295,8 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_sample)
 
     fid = commands.add_parser("eval-fid", help="rFID of a tokenizer, gFID of a generator or of a sample folder")
-    fid.add_argument("--tokenizer", default=None, help="stage-1 checkpoint: reconstruction FID")
-    fid.add_argument("--generator", default=None, help="stage-2 checkpoint: generation FID of its samples")
+    fid.add_argument("--tokenizer", default=None, help="stage-1 checkpoint, export or Hub repo id: reconstruction FID")
+    _hub_revision_option(fid, "--tokenizer-revision", "--tokenizer")
+    fid.add_argument("--generator", default=None,
+                     help="stage-2 checkpoint, export or Hub repo id: generation FID of its samples")
+    _hub_revision_option(fid, "--generator-revision", "--generator")
     fid.add_argument("--samples", type=Path, default=None, help="a folder of sample images instead of --generator")
     fid.add_argument("--num", type=int, default=None,
                      help="images per set (default: the config's evaluation.images; papers use 50000)")
@@ -339,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--out", default="runs/eval/token_metrics")
     tokens.set_defaults(func=_token_metrics)
 
-    compare = commands.add_parser("compare", help="NativeTok vs parallel vs causal-mask tokens, same generator")
+    compare = commands.add_parser("compare", help="the token-order study of docs/study.md: NativeTok vs parallel "
+                                  "tokens and the order controls")
     compare.add_argument("--preset", default="default", help="experiments/compare/<name>.yaml, or a path")
     compare.add_argument("--out", default="runs/compare")
     compare.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
@@ -358,7 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoints, --venv), then render the sbatch script and submit it. Example: nativetok submit "
                     "imagenet256_nativetok_l32 --nodes 2 --time 2-00:00:00 --sbatch=--qos=high "
                     "--sbatch constraint=a100 --setup 'module load cuda/12.1'")
-    _experiment_arguments(submit)
+    _experiment_arguments(submit, "one job array, a task per combination, each task's overrides read from "
+                                  "<sweep dir>/sweep.json beside the script by its $SLURM_ARRAY_TASK_ID")
+    submit.add_argument("--sweep-dir", default=None, metavar="DIR",
+                        help="with -m: the sweep folder (default runs/multirun/<experiment>/<date>_<time>)")
+    submit.add_argument("--max-concurrent", type=_positive_int, default=None, metavar="M",
+                        help="with -m: at most M tasks of the array run at once (#SBATCH --array=0-N%%M)")
     submit.add_argument("--nodes", type=int, default=1)
     submit.add_argument("--gpus", type=int, default=8, help="GPUs per node (one task each)")
     submit.add_argument("--cpus-per-task", type=int, default=8)
@@ -390,17 +492,56 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-tokenizer", action="store_true", help="generators: do not bundle the tokenizer")
     export.add_argument("--force", action="store_true",
                         help="replace an earlier export in OUT (a folder holding anything else is never replaced)")
+    export.add_argument("--license", default=None,
+                        help="the Hub license id the model card shares the weights under (default: apache-2.0, "
+                             "NativeTok's own)")
     export.set_defaults(func=_export)
+
+    push = commands.add_parser(
+        "push", help="upload an export to a Hugging Face Hub model repo",
+        description="Load SOURCE as every loader does (config, weights' sha256, bundled tokenizer's pin), then "
+                    "upload its export files in one commit. The token is huggingface_hub's: HF_TOKEN or "
+                    "`hf auth login`. Example: nativetok push exports/fmnist_tiny someone/fmnist-tiny --revision v1")
+    push.add_argument("source", help="an export folder, or a checkpoint (exported with the defaults first)")
+    push.add_argument("repo_id", help="owner/name; created when new")
+    push.add_argument("--revision", default=None, metavar="BRANCH",
+                      help="the branch to commit to, created from main when new (default main)")
+    push.add_argument("--private", action="store_true", help="create a new repo as private")
+    push.add_argument("--message", default=None, help="the commit message (default: kind and source sha256)")
+    push.set_defaults(func=_push)
 
     config = commands.add_parser("config", help="print the resolved, checked config of an experiment",
                                  epilog=experiments, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _experiment_arguments(config)
+    _experiment_arguments(config, "print every combination's config")
     config.set_defaults(func=_config)
+
+    runs = commands.add_parser("runs", help="the table of a sweep's runs: state, swept values, final validation "
+                                            "metrics (also for a sweep whose tasks ran under SLURM)")
+    runs.add_argument("sweep_dir", help="a sweep folder (holding sweep.json), e.g. runs/multirun/fmnist_tiny/<date>")
+    runs.set_defaults(func=_runs)
     return parser
 
 
+# Commands whose `key=value` overrides may stand anywhere among their options.
+OVERRIDE_COMMANDS = ("train", "submit", "config")
+
+
+def parse_arguments(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The arguments, with the overrides of train, submit and config taken wherever they stand (`submit EXP
+    --nodes 2 optim.lr=1e-4`): what follows an option is left over by argparse and joins them, in order. Anything
+    else left over (an unknown --option) is refused as argparse would."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [item for item in rest if item.startswith("-") or args.command not in OVERRIDE_COMMANDS]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -412,7 +553,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from nativetok.lit.guards import NonFiniteLossError
 
     try:
-        args.func(args)
+        code = args.func(args)
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError, OSError, ValueError) as error:
         if args.verbose:
             raise
@@ -421,7 +562,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"nativetok {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ checkpoints, the virtual environment) before it calls sbatch.
 Site settings: `Site.directives` become `#SBATCH` lines (qos, constraint, mem, gres...), `Site.setup`
 shell lines run before the environment is activated (module loads), and `Site.template` replaces the
 shipped sbatch.template; a template may use the placeholders in `PLACEHOLDERS` and must run ${command}.
+
+Sweeps (`submit -m`, see pipelines/sweep.py) are one job array, `#SBATCH --array=0-<N-1>[%<max concurrent>]`:
+every combination is checked (and its inputs) before the script is written, and each task runs `nativetok train
+EXP --sweep-task <sweep dir>`, which reads its overrides from <sweep dir>/sweep.json (JSON, in Python) by
+$SLURM_ARRAY_TASK_ID: no text from a file is ever run as shell code.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from nativetok.config import load_config
 from nativetok.config.schema import ExperimentConfig
+from nativetok.pipelines.sweep import SWEEP_FILE, default_sweep_dir, plan_sweep, record_sweep
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +42,20 @@ PLACEHOLDERS = {
     "nodes": "--nodes",
     "gpus": "--gpus: GPUs, and so tasks, per node",
     "cpus": "--cpus-per-task",
-    "time": "--time, as [days-]hours:minutes:seconds",
-    "optional_directives": "#SBATCH lines of --partition, --account and each --sbatch (empty or newline-ended)",
-    "output": "the quoted stdout file pattern, in <run dir>/slurm/",
-    "error": "the quoted stderr file pattern, in <run dir>/slurm/",
+    "time": "--time, as [days-]hours:minutes:seconds or UNLIMITED",
+    "optional_directives": "#SBATCH lines of --partition, --account, a sweep's --array and each --sbatch (empty or "
+                           "newline-ended)",
+    "output": "the quoted stdout file pattern, in <run dir>/slurm/ (a sweep's: <sweep dir>/slurm/)",
+    "error": "the quoted stderr file pattern, in <run dir>/slurm/ (a sweep's: <sweep dir>/slurm/)",
     "workdir": "the quoted working directory",
     "setup": "the --setup lines (empty or newline-ended)",
     "activate": "the quoted path of the virtual environment's bin/activate",
     "command": "the training command (nativetok train ...)",
 }
-TIME_FORMATS = ("minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes or "
-                "days-hours:minutes:seconds")
+TIME_FORMATS = ("minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes, "
+                "days-hours:minutes:seconds, or UNLIMITED (also INFINITE, -1 or 0: the partition's limit)")
+# What sbatch reads as no time limit of the job's own (SLURM's time_str2secs; its man page: "a time limit of zero").
+NO_LIMIT = ("unlimited", "infinite", "-1")
 SIGNAL_SECONDS = 90  # the template's --signal=SIGUSR1@90: the checkpoint's warning before the time limit
 SLURM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 SLURM_NAMES = re.compile(rf"{SLURM_NAME.pattern}(,{SLURM_NAME.pattern})*")
@@ -57,7 +66,8 @@ OWN_OPTIONS = {
     "gpus-per-node": "--gpus", "cpus-per-task": "--cpus-per-task", "c": "--cpus-per-task", "time": "--time",
     "t": "--time", "partition": "--partition", "p": "--partition", "account": "--account", "A": "--account",
     "output": "run.dir", "o": "run.dir", "error": "run.dir", "e": "run.dir", "signal": "the template",
-    "requeue": "the template", "open-mode": "the template",
+    "requeue": "the template", "open-mode": "the template", "array": "-m and --max-concurrent",
+    "a": "-m and --max-concurrent",
 }
 
 
@@ -80,8 +90,11 @@ class Site:
     template: Optional[Path] = None
 
 
-def parse_time(text: str) -> int:
-    """Seconds of a `--time` limit in any format sbatch takes (see TIME_FORMATS); a ValueError otherwise."""
+def parse_time(text: str) -> Optional[int]:
+    """Seconds of a `--time` limit in any format sbatch takes (see TIME_FORMATS), None for no limit of the job's
+    own (the partition's applies); a ValueError otherwise."""
+    if isinstance(text, str) and text.lower() in NO_LIMIT:
+        return None
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text) if isinstance(text, str) else None
     if not match:
         raise ValueError(f"--time: time limit {text!r} is not one of {TIME_FORMATS}")
@@ -94,14 +107,18 @@ def parse_time(text: str) -> int:
     else:  # minutes[:seconds]
         hours, (minutes, seconds) = 0, numbers + [0] * (2 - len(numbers))
     total = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total == 0:  # "A time limit of zero requests that no time limit be imposed" (sbatch)
+        return None
     if -(-total // 60) * 60 <= SIGNAL_SECONDS:  # SLURM rounds a limit up to whole minutes
         raise ValueError(f"--time: a limit of {text!r} ends before the SIGUSR1 the job asks for "
                          f"{SIGNAL_SECONDS} s ahead of it; give at least 2 minutes")
     return total
 
 
-def slurm_time(seconds: int) -> str:
-    """`[days-]hours:minutes:seconds`, a form every SLURM version reads the same way."""
+def slurm_time(seconds: Optional[int]) -> str:
+    """`[days-]hours:minutes:seconds` (UNLIMITED for None), forms every SLURM version reads the same way."""
+    if seconds is None:
+        return "UNLIMITED"
     minutes, secs = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
     days, hours = divmod(hours, 24)
@@ -184,15 +201,26 @@ def _late_directives(script: str) -> List[str]:
     return late
 
 
-def _log_pattern(log_dir: Path, suffix: str) -> str:
+def _log_pattern(log_dir: Path, name: str, suffix: str) -> str:
     """The --output/--error value for files in `log_dir`, in double quotes for sbatch's own #SBATCH parser
     (quotes group words, a backslash escapes, an unquoted # starts a comment); a literal % is written %%."""
     folder = str(log_dir)
     if "\n" in folder or "\\" in folder:  # a backslash would also turn off SLURM's %x/%j replacement
         raise ValueError(f"run.dir: the job's log folder {folder!r} holds a newline or a backslash, which SLURM "
                          "cannot take in --output")
-    pattern = folder.replace("%", "%%") + f"/%x-%j.{suffix}"
+    pattern = folder.replace("%", "%%") + f"/{name}.{suffix}"
     return '"' + pattern.replace('"', '\\"') + '"'
+
+
+@dataclass
+class Job:
+    """What a script runs: the job's name, its command, where its logs go, and #SBATCH lines of its own."""
+
+    name: str
+    command: List[str]
+    log_dir: Path
+    log_name: str = "%x-%j"  # an array's tasks: %x-%A_%a (job name, array job id, task id)
+    directives: Sequence[str] = ()
 
 
 def job_config(experiment: str, overrides: Sequence[str], resources: Resources) -> Tuple[ExperimentConfig, List[str]]:
@@ -206,27 +234,30 @@ def job_config(experiment: str, overrides: Sequence[str], resources: Resources) 
     return load_config(experiment, all_overrides), all_overrides  # refuses a bad config (an indivisible batch)
 
 
+def _training_job(experiment: str, config: ExperimentConfig, all_overrides: List[str]) -> Job:
+    return Job(config.run.name, ["nativetok", "train", experiment, *all_overrides],
+               Path(config.run.dir).resolve() / "slurm")
+
+
 def render(experiment: str, overrides: Sequence[str], resources: Resources, venv: Path, workdir: Path,
            site: Optional[Site] = None) -> str:
     """The sbatch script for training `experiment` on the given resources."""
     config, all_overrides = job_config(experiment, overrides, resources)
-    return _script(experiment, config, all_overrides, resources, venv, workdir, site or Site())
+    return _script(_training_job(experiment, config, all_overrides), resources, venv, workdir, site or Site())
 
 
-def _script(experiment: str, config: ExperimentConfig, all_overrides: List[str], resources: Resources, venv: Path,
-            workdir: Path, site: Site) -> str:
+def _script(job: Job, resources: Resources, venv: Path, workdir: Path, site: Site) -> str:
     time = slurm_time(parse_time(resources.time))
-    job_name = _checked("job-name", "job name (run.name)", config.run.name, SLURM_NAME, NAME_RULE)
+    job_name = _checked("job-name", "job name (run.name)", job.name, SLURM_NAME, NAME_RULE)
     directives = [f"#SBATCH --{name}={value}" for name, value in
                   (("partition", resources.partition), ("account", resources.account)) if value]
-    directives += [_directive(line) for line in site.directives]
+    directives += [*job.directives, *(_directive(line) for line in site.directives)]
     setup = _setup(site.setup)
     template = _template(site.template)
-    for placeholder, option, used in (("optional_directives", "--partition, --account, --sbatch", directives),
-                                      ("setup", "--setup", setup)):
+    for placeholder, option, used in (("optional_directives", "--partition, --account, --array, --sbatch",
+                                       directives), ("setup", "--setup", setup)):
         if used and placeholder not in template.get_identifiers():
             raise ValueError(f"--template {site.template}: no ${{{placeholder}}} for the {option} lines given")
-    log_dir = Path(config.run.dir).resolve() / "slurm"
     script = template.substitute(
         job_name=job_name,
         nodes=resources.nodes,
@@ -234,18 +265,31 @@ def _script(experiment: str, config: ExperimentConfig, all_overrides: List[str],
         cpus=resources.cpus_per_task,
         time=time,
         optional_directives="".join(f"{line}\n" for line in directives),
-        output=_log_pattern(log_dir, "out"),
-        error=_log_pattern(log_dir, "err"),
+        output=_log_pattern(job.log_dir, job.log_name, "out"),
+        error=_log_pattern(job.log_dir, job.log_name, "err"),
         workdir=shlex.quote(str(Path(workdir).resolve())),
         setup=setup,
         activate=shlex.quote(str(Path(venv).resolve() / "bin" / "activate")),
-        command=shlex.join(["nativetok", "train", experiment, *all_overrides]),
+        command=shlex.join(job.command),
     )
     late = _late_directives(script)
     if late:
         raise ValueError(f"--template {site.template}: sbatch ignores #SBATCH lines after the first command: "
                          + "; ".join(late))
     return script
+
+
+def render_sweep(experiment: str, overrides: Sequence[str], resources: Resources, folder: Path, venv: Path,
+                 workdir: Path, site: Optional[Site] = None, max_concurrent: Optional[int] = None):
+    """The job array's script for a sweep (`-m` overrides) in `folder`, the sweep and its checked configs."""
+    if max_concurrent is not None:
+        _check_count("max-concurrent", max_concurrent)
+    folder = Path(folder).resolve()
+    sweep, configs = plan_sweep(experiment, overrides, folder, lambda exp, given: job_config(exp, given, resources))
+    array = f"0-{len(sweep.runs) - 1}" + (f"%{max_concurrent}" if max_concurrent else "")
+    job = Job(configs[0].run.name, ["nativetok", "train", sweep.experiment, "--sweep-task", str(folder)],
+              folder / "slurm", "%x-%A_%a", [f"#SBATCH --array={array}"])
+    return _script(job, resources, venv, workdir, site or Site()), sweep, configs
 
 
 def missing_inputs(config: ExperimentConfig, workdir: Path, venv: Path) -> List[str]:
@@ -328,6 +372,28 @@ def _checkpoint(key: str, name: str, local, kind: str) -> Iterator[Tuple[str, st
         yield key, str(error)
 
 
+def _refuse_missing(configs: Sequence[ExperimentConfig], workdir: Path, venv: Path, dry_run: bool) -> None:
+    """Every missing input of the job's runs named at once: refused, or for a dry run only warned about."""
+    missing = list(dict.fromkeys(line for config in configs for line in missing_inputs(config, workdir, venv)))
+    if not missing:
+        return
+    message = (f"{len(missing)} input(s) of the job are missing or unreadable (relative paths are taken from "
+               f"{Path(workdir).resolve()}):\n  " + "\n  ".join(missing))
+    if not dry_run:
+        raise FileNotFoundError(f"nothing submitted: {message}")
+    log.warning("%s", message)
+
+
+def _queue(path: Path) -> str:
+    """`sbatch` the script at `path`; returns the job id."""
+    if shutil.which("sbatch") is None:
+        raise FileNotFoundError(f"sbatch not found; the script is in {path} (use --dry-run to print it)")
+    result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=True)
+    job = result.stdout.strip().split(";")[0]
+    log.info("submitted %s as job %s", path, job)
+    return job
+
+
 def submit(
     experiment: str,
     overrides: Sequence[str],
@@ -340,14 +406,8 @@ def submit(
     """Check the job's inputs, write the script to <run dir>/slurm/ and `sbatch` it; returns the job id.
     A dry run prints the script instead, and only warns about missing inputs."""
     config, all_overrides = job_config(experiment, overrides, resources)
-    script = _script(experiment, config, all_overrides, resources, venv, workdir, site or Site())
-    missing = missing_inputs(config, workdir, venv)
-    if missing:
-        message = (f"{len(missing)} input(s) of the job are missing or unreadable (relative paths are taken from "
-                   f"{Path(workdir).resolve()}):\n  " + "\n  ".join(missing))
-        if not dry_run:
-            raise FileNotFoundError(f"nothing submitted: {message}")
-        log.warning("%s", message)
+    script = _script(_training_job(experiment, config, all_overrides), resources, venv, workdir, site or Site())
+    _refuse_missing([config], workdir, venv, dry_run)
     if dry_run:
         print(script, end="")
         return None
@@ -355,9 +415,32 @@ def submit(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{config.run.name}.sbatch"
     path.write_text(script)
-    if shutil.which("sbatch") is None:
-        raise FileNotFoundError(f"sbatch not found; the script is in {path} (use --dry-run to print it)")
-    result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=True)
-    job = result.stdout.strip().split(";")[0]
-    log.info("submitted %s as job %s", path, job)
-    return job
+    return _queue(path)
+
+
+def submit_sweep(
+    experiment: str,
+    overrides: Sequence[str],
+    resources: Resources,
+    folder: Optional[Path] = None,
+    venv: Path = Path(".venv"),
+    workdir: Path = Path("."),
+    dry_run: bool = False,
+    site: Optional[Site] = None,
+    max_concurrent: Optional[int] = None,
+) -> Optional[str]:
+    """A sweep as one job array: every combination and its inputs checked, then sweep.json and the script written
+    to the sweep folder (default runs/multirun/<experiment>/<date>_<time>) and `sbatch`ed; returns the job id.
+    A dry run prints the script and writes nothing."""
+    folder = Path(folder) if folder else default_sweep_dir(experiment)
+    script, sweep, configs = render_sweep(experiment, overrides, resources, folder, venv, workdir, site,
+                                          max_concurrent)
+    _refuse_missing(configs, workdir, venv, dry_run)
+    if dry_run:
+        print(script, end="")
+        return None
+    record_sweep(sweep, folder)
+    path = folder / f"{configs[0].run.name}.sbatch"
+    path.write_text(script)
+    log.info("%d tasks, overrides in %s", len(sweep.runs), folder / SWEEP_FILE)
+    return _queue(path)

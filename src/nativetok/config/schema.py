@@ -288,6 +288,17 @@ class EvaluationConfig:
 
 
 @dataclass
+class CallbackConfig:
+    """A Lightning callback added to the trainer, in Lightning CLI's format. Honoured only from the user's own
+    experiment file or command line: checkpoints and exports never store or restore it (it names code to import)."""
+
+    # The dotted path of a pytorch_lightning.Callback subclass, e.g. pytorch_lightning.callbacks.LearningRateMonitor.
+    class_path: str = ""
+    # Keyword arguments of its constructor, checked against its signature before the run starts.
+    init_args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ExperimentConfig:
     # tokenizer: stage 1 (uses tokenizer, loss, growth); generator: stage 2 (uses generator, sampling).
     stage: str = "tokenizer"
@@ -302,6 +313,8 @@ class ExperimentConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    # Extra Lightning callbacks, appended to the trainer's own (`trainer.callbacks` is read as this too).
+    callbacks: List[CallbackConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from nativetok.data.shards import (
     DatasetIndex,
@@ -26,6 +25,7 @@ from nativetok.data.shards import (
     write_shard,
 )
 from nativetok.io import atomic_path
+from nativetok.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def write_fmnist(
         images = pad_to(images, size)
         entries = []
         ranges = plan_shards(len(images), per_shard)
-        for number, rows in enumerate(tqdm(ranges, desc=f"{name} {split}", unit="shard")):
+        for number, rows in enumerate(track(ranges, desc=f"{name} {split}", unit="shard")):
             file = shard_name(name, split, number)
             samples = (
                 {"__key__": f"{split}{i:07d}", "png": encode_image(images[i]), "cls": str(int(labels[i])).encode()}

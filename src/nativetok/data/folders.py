@@ -27,7 +27,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from nativetok.data.shards import (
     DatasetIndex,
@@ -43,6 +42,7 @@ from nativetok.data.shards import (
     write_shard,
 )
 from nativetok.data.transforms import crop_square, resize_short_side
+from nativetok.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _run_jobs(jobs: list, workers: int, description: str) -> List[str]:
     skipped: List[str] = []
     with Pool(max(1, workers), initializer=_ignore_ctrl_c) as pool:
         try:
-            for messages in tqdm(pool.imap_unordered(_write_one, jobs), total=len(jobs), desc=description,
+            for messages in track(pool.imap_unordered(_write_one, jobs), total=len(jobs), desc=description,
                                  unit="shard"):
                 skipped += messages
         except BaseException:

@@ -29,9 +29,9 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from nativetok.io import atomic_open
+from nativetok.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class InceptionFeatures:
             raise ValueError(f"Inception takes uint8 images [N, 1 or 3, H, W], got {images.dtype} {list(images.shape)}")
         outputs: Dict[str, List[Tensor]] = {"pool": [], "logits": []}
         starts = range(0, len(images), self.batch_size)
-        for start in tqdm(starts, desc="inception", unit="batch", disable=len(starts) < 3, leave=False):
+        for start in track(starts, desc="inception", unit="batch", disable=len(starts) < 3, leave=False):
             batch = images[start : start + self.batch_size].to(self.device)
             if batch.shape[1] == 1:
                 batch = batch.expand(-1, 3, -1, -1)

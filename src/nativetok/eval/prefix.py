@@ -10,11 +10,6 @@ from torch import Tensor
 from nativetok.precision import autocast
 
 
-def prefix_lengths(num_tokens: int, base: Sequence[int] = (1, 2, 4, 8)) -> list:
-    """k = 1, 2, 4, 8 ... and every token, as far as the tokenizer has them."""
-    return sorted({k for k in base if k < num_tokens} | {num_tokens})
-
-
 def psnr_per_image(images: Tensor, target: Tensor) -> Tensor:
     """PSNR in dB of each image in [0, 1] against its target (a perfect image is capped at 100 dB)."""
     mse = (images.float() - target.float()).pow(2).flatten(1).mean(dim=1)

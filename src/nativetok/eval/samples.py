@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from nativetok.data.shards import Manifest
 from nativetok.precision import autocast
+from nativetok.progress import track
 
 SAMPLE_MANIFEST = "samples.json"
 SAMPLE_FILES = {"images", "grid.png", "samples.npz", SAMPLE_MANIFEST}  # what a sample folder may hold
@@ -37,7 +37,7 @@ def generate_images(
     starts = range(0, len(labels), batch_size)
     return torch.cat([
         generate_batch(generator, tokenizer, labels[start : start + batch_size], sampling, seed + number, precision)
-        for number, start in enumerate(tqdm(starts, desc="sampling", unit="batch"))
+        for number, start in enumerate(track(starts, desc="sampling", unit="batch"))
     ])
 
 

@@ -98,7 +98,7 @@ def held_out_tokens(index_path: str, split: str = "val") -> tuple[Tensor, Tensor
 def token_metrics(generator_path: str, out: Path, split: str = "val", data: Optional[str] = None) -> Dict:
     """The report for an AR generator on its held-out token shards: JSON and a PNG plot in `out`."""
     from nativetok.checkpoints import generator_config, load_generator, named_data
-    from nativetok.eval.plots import position_curves
+    from nativetok.lit.figures import position_curves
 
     config = generator_config(generator_path)
     if config.generator.kind != "ar":

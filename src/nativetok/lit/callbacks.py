@@ -17,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from nativetok.config.schema import GrowthStage
+from nativetok.models.tokenizer import prefix_lengths
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,6 @@ class ExpertGrowth(pl.Callback):
             pl_module.enter_growth_stage(self.stage, self.stages[self.stage], self.new_experts(self.stage), grow=True)
 
 
-def prefix_lengths(active: int) -> List[int]:
-    """The prefixes evaluated beside all `active` tokens: 1, 2, 4, ... below it (a log scale, as the quality
-    of a prefix grows roughly with the log of its length)."""
-    return [1 << i for i in range(max(active - 1, 0).bit_length())]
-
-
 def labelled_grid(rows: Sequence[torch.Tensor], labels: Sequence[str], min_size: int = 64,
                   padding: int = 2) -> torch.Tensor:
     """Rows of equally many images in [0, 1] as one picture [3, H, W] in [0, 1], each row named at its left
@@ -92,6 +87,12 @@ def labelled_grid(rows: Sequence[torch.Tensor], labels: Sequence[str], min_size:
         top = padding + i * (size + padding) + (size - (box[3] - box[1])) // 2 - box[1]
         draw.text((margin, top), label, fill="black", font=font)
     return torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255
+
+
+def class_label(class_id: int, names: Sequence[str]) -> str:
+    """A sample row's label: the class id and its name from the data index (the id alone where it has none)."""
+    name = names[class_id] if class_id < len(names) else ""
+    return f"{class_id} {name[:MAX_NAME]}" if name else str(class_id)
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -168,7 +169,7 @@ class ReconstructionGrid(ImageGrid):
         images = self.images.to(pl_module.device)
         ids = tokenizer.encode(images)
         active = ids.shape[1]
-        prefixes = prefix_lengths(active)
+        prefixes = prefix_lengths(active)[:-1]  # beside all of them
         rows = [images, tokenizer.decode(ids)] + [tokenizer.decode(ids, k=k) for k in prefixes]
         tokenizer.train(was_training)
         labels = ["original", f"k={active} (all)"] + [f"k={k}" for k in prefixes]
@@ -177,7 +178,7 @@ class ReconstructionGrid(ImageGrid):
 
 class SampleGrid(ImageGrid):
     """Class-conditional samples decoded by the tokenizer, a row per class, labelled with the class names of
-    the data index (class ids where it has none)."""
+    the data index (`GeneratorModule.class_names`; class ids where it has none)."""
 
     tag = "samples"
 
@@ -188,12 +189,10 @@ class SampleGrid(ImageGrid):
         self.names: List[str] = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
-        index = getattr(getattr(trainer, "datamodule", None), "index", None)
-        self.names = list(getattr(index, "classes", None) or [])
+        self.names = list(pl_module.class_names)
 
     def label(self, class_id: int) -> str:
-        name = self.names[class_id] if class_id < len(self.names) else ""
-        return f"{class_id} {name[:MAX_NAME]}" if name else str(class_id)
+        return class_label(class_id, self.names)
 
     def grid(self, pl_module) -> torch.Tensor:
         classes = min(self.max_classes, pl_module.cfg.data.num_classes)

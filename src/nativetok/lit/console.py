@@ -7,34 +7,33 @@ every `trainer.log_every_n_steps`, e.g.
     step 1200/500000 (0.2%) | 1843 img/s | loss 0.0412 quantizer_loss 0.0011 rec_loss 0.0301 | lr 0.0001 |
     HNT stage 1: 16 experts | ETA 3d 02:11:05
 
-Both read the device only on the steps whose logs Lightning writes anyway (no extra host sync).
+Both read the device only on the steps whose logs Lightning writes anyway (no extra host sync). The policy
+(bar or lines) and the line's formatting are those of every long command (nativetok/progress.py); while the
+bar shows, log records are written above it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
+from contextlib import ExitStack
 from typing import Any, Mapping, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from nativetok.lit.loop import writing_logs
+from nativetok.progress import duration, on_terminal, per_second
 
 log = logging.getLogger(__name__)
-
-
-def slurm_batch_job() -> bool:
-    """Inside a SLURM job, but not an interactive `srun --pty` (which sets SLURM_PTY_PORT)."""
-    return bool(os.environ.get("SLURM_JOB_ID")) and not os.environ.get("SLURM_PTY_PORT")
 
 
 def shows_bar(setting: Any) -> bool:
     """`trainer.progress_bar`: true, false, or auto (a bar only on a terminal and outside a SLURM batch job)."""
     if setting == "auto":
-        return sys.stdout.isatty() and not slurm_batch_job()
+        return on_terminal(sys.stdout)  # where Lightning draws its bar
     return bool(setting)
 
 
@@ -45,10 +44,17 @@ def progress(setting: Any, log_every_n_steps: int) -> pl.Callback:
 
 class StepProgressBar(TQDMProgressBar):
     """A bar toward `trainer.max_steps` at `global_step` (Lightning's counts batches of one epoch), refreshed
-    on the logging steps: each refresh reads the shown values from the device."""
+    on the logging steps: each refresh reads the shown values from the device. While it shows, the console's
+    log records go through `tqdm.write`, above the bar rather than over it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._logs_above = ExitStack()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if self.is_enabled:
+            self._logs_above.enter_context(logging_redirect_tqdm())
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps)
         bar.initial = bar.n = trainer.global_step  # a resumed run starts where it stopped; it/s counts this run
@@ -64,12 +70,12 @@ class StepProgressBar(TQDMProgressBar):
             self.train_progress_bar.n = step
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._logs_above.close()
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._logs_above.close()
 
 
 def _batch_size(batch: Any) -> int:
@@ -120,8 +126,8 @@ class ConsoleLog(pl.Callback):
         )
         now, step, total = time.perf_counter(), trainer.global_step, trainer.max_steps
         training = max(now - self._last - self._validation_seconds, 1e-9)
-        images = (step - self._last_step) * batch_size / training
-        parts = [f"step {step}/{total} ({100 * step / total:.1f}%)", f"{images:.0f} img/s"]
+        parts = [f"step {step}/{total} ({100 * step / total:.1f}%)",
+                 per_second((step - self._last_step) * batch_size, training, "img")]
         if shown:
             parts.append(shown)
         if trainer.optimizers:
@@ -131,11 +137,11 @@ class ConsoleLog(pl.Callback):
             parts.append(f"HNT stage {stage}: {self._growth.stages[stage].experts} experts")
         done = step - self._start_step
         if done > 0:  # the whole run's pace so far, validation and checkpoints included
-            parts.append(f"ETA {_duration((now - self._start) / done * (total - step))}")
+            parts.append(f"ETA {duration((now - self._start) / done * (total - step))}")
         self._last, self._last_step, self._validation_seconds = now, step, 0.0
         return " | ".join(parts)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             log.info("training stopped at step %d/%d after %s", trainer.global_step, trainer.max_steps,
-                     _duration(time.perf_counter() - self._start))
+                     duration(time.perf_counter() - self._start))

@@ -49,6 +49,12 @@ class GeneratorModule(pl.LightningModule):
         self.tokenizer_pin: Optional[dict] = None  # set when the tokenizer is loaded, saved in every checkpoint
         self.loss_guard = StepGuard(c.trainer.max_nonfinite_steps)
         self._step_loss: Optional[Tensor] = None  # the loss the guard judges before the optimizer step
+        self.class_names: List[str] = []  # the data index's; checkpoints keep them for `nativetok sample`'s grid
+
+    def setup(self, stage: str) -> None:
+        """The class names of the data index trained on, where the data module has one."""
+        index = getattr(getattr(self.trainer, "datamodule", None), "index", None)
+        self.class_names = list(getattr(index, "classes", None) or [])
 
     def configure_model(self) -> None:
         """trainer.compile: compile the generator's training forward (sampling stays eager)."""
@@ -170,11 +176,14 @@ class GeneratorModule(pl.LightningModule):
         return self.tokenizer.decode(ids)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The config as a plain container (what loading a checkpoint reads), the kind and the tokenizer pin."""
+        """The config as a plain container (what loading a checkpoint reads), the kind, the tokenizer pin and
+        the class names (sampling reads no data index: a checkpoint's stored path is never read on its own)."""
         checkpoint["hyper_parameters"] = {"config": to_container(self.cfg)}
         checkpoint["nativetok"] = {"kind": "generator", "version": __version__}
         if self.tokenizer_pin is not None:
             checkpoint["nativetok"]["tokenizer"] = self.tokenizer_pin
+        if self.class_names:
+            checkpoint["nativetok"]["classes"] = self.class_names
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resumed run continues only with the tokenizer it started with."""

@@ -43,18 +43,20 @@ def adamw_with_schedule(
     groups: Tuple[List[nn.Parameter], List[nn.Parameter]], config: ExperimentConfig, device: torch.device
 ) -> Tuple[torch.optim.AdamW, dict]:
     """Fused AdamW over (decay, no decay) groups at the scaled lr, and its per-step warm-up/cosine schedule
-    in the form Lightning's `configure_optimizers` returns."""
+    in the form Lightning's `configure_optimizers` returns, named for Lightning's LearningRateMonitor."""
     o = config.optim
     decay, plain = groups
     optimizer = fused_adamw(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": plain, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": o.weight_decay, "name": "decay"},
+         {"params": plain, "weight_decay": 0.0, "name": "no_decay"}],
         device, lr=scaled_lr(config), betas=tuple(o.betas),
     )
     total = config.trainer.max_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
     )
-    return optimizer, {"scheduler": schedule, "interval": "step"}
+    # LearningRateMonitor logs it as train/lr/decay and train/lr/no_decay (the groups' names).
+    return optimizer, {"scheduler": schedule, "interval": "step", "name": "train/lr"}
 
 
 def step_generator(

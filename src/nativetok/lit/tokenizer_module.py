@@ -21,7 +21,6 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from nativetok.config.loading import to_container
 from nativetok.config.schema import ExperimentConfig, GrowthStage
-from nativetok.lit.callbacks import prefix_lengths
 from nativetok.lit.ema import EMA
 from nativetok.lit.guards import StepGuard, fused_adamw
 from nativetok.lit.loop import grad_scaler, writing_logs
@@ -31,7 +30,7 @@ from nativetok.losses.tokenizer_loss import TokenizerLoss
 from nativetok.models.graphs import EncoderGraph, encoder_key
 from nativetok.models.prefix_cache import FrozenPrefixCache
 from nativetok.models.quantizer import code_statistics
-from nativetok.models.tokenizer import NativeTokenizer, TokenizerOutput
+from nativetok.models.tokenizer import NativeTokenizer, TokenizerOutput, prefix_lengths
 from nativetok.version import __version__
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ class TokenizerModule(pl.LightningModule):
         """The weights evaluation uses: the moving average when there is one."""
         return self.ema.shadow if self.ema is not None else self.tokenizer
 
-    def _prefix_lengths(self, batch: int) -> Optional[Tensor]:
+    def _random_decode_lengths(self, batch: int) -> Optional[Tensor]:
         """Per sample, all active tokens, or with probability random_prefix a uniform prefix length.
 
         Drawn from a generator seeded by (seed, step, rank): a resumed run draws what an unbroken one would.
@@ -111,7 +110,7 @@ class TokenizerModule(pl.LightningModule):
         autoencoder, schedule = adamw_with_schedule(self._autoencoder_groups(), self.cfg, self.device)
         optimizers = [autoencoder]
         if self.loss.discriminator is not None:
-            discriminator = self.loss.discriminator.parameters()
+            discriminator = [{"params": self.loss.discriminator.parameters(), "name": "discriminator"}]
             lr = self.cfg.optim.disc_lr
             optimizers.append(fused_adamw(discriminator, self.device, lr=lr, betas=(0.5, 0.9), weight_decay=0.0))
         return optimizers, [schedule]
@@ -197,12 +196,12 @@ class TokenizerModule(pl.LightningModule):
         self._maintain_codebook(out, step)
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         if writing_logs(self.trainer):
-            self._log_step(logs, out, grad_norm, autoencoder, cache)
+            self._log_step(logs, out, grad_norm, cache)
         return loss.detach()
 
     def _forward(self, images: Tensor, cache: Optional[FrozenPrefixCache], views) -> TokenizerOutput:
         """The tokenizer's forward; the encoder replays a CUDA graph when `trainer.cuda_graphs` is on."""
-        lengths = self._prefix_lengths(images.shape[0])
+        lengths = self._random_decode_lengths(images.shape[0])
         if not (self.cfg.trainer.cuda_graphs and images.is_cuda and cache is None):
             return self.tokenizer(images, lengths, cache, views)
         if self.encoder_graph is None or self.encoder_graph.key != encoder_key(self.tokenizer, images):
@@ -211,14 +210,13 @@ class TokenizerModule(pl.LightningModule):
             log.info("encoder captured as CUDA graphs (%d experts active)", self.tokenizer.num_active)
         return self.tokenizer(images, lengths, encoder=self.encoder_graph)
 
-    def _log_step(self, logs, out, grad_norm, autoencoder, cache) -> None:
+    def _log_step(self, logs, out, grad_norm, cache) -> None:
         """The step's scalars, built only on steps whose logs are written (each costs a device read there)."""
         stats = code_statistics(out.ids, self.cfg.tokenizer.quantizer.codebook_size)
         logs.update({
             "train/grad_norm": grad_norm,
             "train/codebook_usage": stats["usage"],
             "train/perplexity": stats["perplexity"],
-            "train/lr": autoencoder.param_groups[0]["lr"],
             "train/nonfinite_steps": float(self.loss_guard.check()),
             "growth/experts": float(self.tokenizer.num_active),
             "growth/stage": float(self.growth_stage),
@@ -272,7 +270,7 @@ class TokenizerModule(pl.LightningModule):
         self.log("val/psnr", self.val_psnr, batch_size=size, prog_bar=True)
         self.log("val/ssim", self.val_ssim, batch_size=size)
         active = out.ids.shape[1]
-        for k in [*prefix_lengths(active), active]:  # psnr@<all active> is val/psnr
+        for k in prefix_lengths(active):  # psnr@<all active> is val/psnr
             if str(k) not in self.val_prefix_psnr:  # only where set_active was called off the growth schedule
                 continue
             metric = self.val_prefix_psnr[str(k)]

@@ -24,7 +24,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.profilers import AdvancedProfiler, Profiler, SimpleProfiler
 from pytorch_lightning.strategies import DDPStrategy
 
-from nativetok.config.loading import ConfigError, to_yaml
+from nativetok.config.loading import ConfigError, callback_class, to_yaml
 from nativetok.config.schema import ExperimentConfig
 from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, remove_staged_leftovers
 from nativetok.lit.console import progress
@@ -137,6 +137,11 @@ def precision_settings(config: ExperimentConfig) -> Tuple[Optional[str], list]:
     return None, [MixedPrecision("16-mixed", device, torch.amp.GradScaler(device))]
 
 
+def configured_callbacks(config: ExperimentConfig) -> List[pl.Callback]:
+    """The config's `callbacks` (Lightning CLI's class_path/init_args, checked when the config was loaded), built."""
+    return [callback_class(spec.class_path)(**spec.init_args) for spec in config.callbacks]
+
+
 def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_dir: Path) -> pl.Trainer:
     t = config.trainer
     precision, precision_plugins = precision_settings(config)
@@ -163,7 +168,8 @@ def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_di
         limit_val_batches=t.limit_val_batches,
         accumulate_grad_batches=t.accumulate_grad_batches,
         profiler=make_profiler(config, run_dir),
-        callbacks=[console, *callbacks, *last],
+        callbacks=[console, pl.callbacks.LearningRateMonitor(),  # lr of every optimizer
+                   *callbacks, *configured_callbacks(config), *last],
         plugins=[AtomicCheckpointIO(), *precision_plugins, *cluster_plugins()],
         default_root_dir=str(run_dir),
     )

@@ -1,6 +1,8 @@
-"""`TokenizerLoss`: every term of stage-1 training in one Lightning-free module (as VQGAN's
-VQLPIPSWithDiscriminator): pixel, LPIPS perceptual, quantizer, and the PatchGAN with its adaptive weight,
-LeCam regularisation and start step.
+"""`TokenizerLoss`: every term of stage-1 training in one Lightning-free file (as taming's `vqperceptual.py`):
+pixel, quantizer, the hinge GAN losses with VQGAN's adaptive weight and LeCam regularisation, and the PatchGAN
+discriminator (as in pix2pix / taming-transformers: one real/fake logit per image patch; GroupNorm instead of
+BatchNorm gives the same result on every DDP rank without synchronised statistics). LPIPS, which loads its own
+weights, is in `perceptual.py`.
 
 Images come in [0, 1] (the tokenizer's public scale); every loss is computed on the networks' [-1, 1] scale,
 on which the loss values, the L1 scale and the discriminator's inputs are defined.
@@ -12,18 +14,83 @@ import logging
 from typing import Dict, List, Optional, Protocol, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nativetok.config.schema import LossConfig
-from nativetok.losses.adversarial import LeCam, adaptive_weight, discriminator_hinge_loss, generator_loss
-from nativetok.losses.discriminator import PatchDiscriminator
+from nativetok.config.schema import PIXEL_LOSSES, LossConfig, PixelLoss
 from nativetok.losses.perceptual import load_lpips
-from nativetok.losses.reconstruction import pixel_loss
 from nativetok.pixels import to_signed
 
 log = logging.getLogger(__name__)
 
 Logs = Dict[str, Tensor]
+
+
+def pixel_loss(reconstruction: Tensor, target: Tensor, kind: PixelLoss = "l1") -> Tensor:
+    if kind == "l1":
+        return F.l1_loss(reconstruction, target)
+    if kind == "l2":
+        return F.mse_loss(reconstruction, target)
+    raise ValueError(f"unknown pixel loss '{kind}': use {' or '.join(PIXEL_LOSSES)}")
+
+
+def discriminator_hinge_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def generator_loss(fake_logits: Tensor) -> Tensor:
+    return -fake_logits.mean()
+
+
+def adaptive_weight(reconstruction_loss: Tensor, generator_loss: Tensor, last_layer: Tensor) -> Tensor:
+    """||grad rec|| / ||grad gan|| at the decoder's last layer, so neither loss swamps the other."""
+    rec_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+class LeCam(nn.Module):
+    """LeCam regularisation (Tseng et al. 2021): keeps discriminator outputs near their running means."""
+
+    def __init__(self, decay: float = 0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("real_mean", torch.zeros(()))
+        self.register_buffer("fake_mean", torch.zeros(()))
+
+    def forward(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.real_mean.lerp_(real_logits.mean().float(), 1 - self.decay)
+            self.fake_mean.lerp_(fake_logits.mean().float(), 1 - self.decay)
+        return F.relu(real_logits - self.fake_mean).pow(2).mean() + F.relu(self.real_mean - fake_logits).pow(2).mean()
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: one real/fake logit per image patch."""
+
+    def __init__(self, channels: int, width: int = 64, layers: int = 3):
+        super().__init__()
+        modules: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        current = width
+        for i in range(1, layers):
+            out = width * min(2**i, 8)
+            modules += [nn.Conv2d(current, out, 4, 2, 1, bias=False), _norm(out), nn.LeakyReLU(0.2)]
+            current = out
+        out = width * min(2**layers, 8)
+        modules += [nn.Conv2d(current, out, 4, 1, 1, bias=False), _norm(out), nn.LeakyReLU(0.2)]
+        modules.append(nn.Conv2d(out, 1, 4, 1, 1))
+        self.net = nn.Sequential(*modules)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images in [-1, 1] -> logits [B, 1, h, w]."""
+        return self.net(images)
 
 
 class TokenizerOutput(Protocol):

@@ -8,13 +8,31 @@ and their positions, blocks, output head), so freezing an expert fixes its token
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from nativetok.models.layers import Block, init_weights, learned_positions
-from nativetok.models.quantizer import Quantized, VectorQuantizer, straight_through
+from nativetok.models.quantizer import Quantized, Snapped, VectorQuantizer, straight_through
+
+
+class ExpertToken(NamedTuple):
+    """One expert's token (or several, concatenated along dim 1): what the quantizer matched, and the
+    straight-through code that joins the next experts' context."""
+
+    snapped: Snapped
+    straight: Tensor  # [B, n, code_dim] in the model's dtype
+
+
+def expert_token(snapped: Snapped, dtype: torch.dtype) -> ExpertToken:
+    return ExpertToken(snapped, straight_through(snapped.normalised, snapped.codes).to(dtype))
+
+
+def joined(tokens: List[ExpertToken]) -> ExpertToken:
+    """Tokens side by side: each field concatenated along the token axis."""
+    return ExpertToken(Snapped(*(torch.cat(column, dim=1) for column in zip(*(t.snapped for t in tokens)))),
+                       torch.cat([t.straight for t in tokens], dim=1))
 
 
 class Expert(nn.Module):
@@ -81,16 +99,14 @@ class MixtureOfCausalExperts(nn.Module):
         mean over tokens of per-token means): the per-expert work is only what the next expert needs.
         """
         codebook = quantizer.normalized_codebook().float()
+        tokens: List[ExpertToken] = []
         if prefix is not None and prefix.shape[1]:
-            first = quantizer.snap(prefix, codebook)
-            parts = [first + (straight_through(first[0], first[2]).to(z.dtype),)]
-        else:
-            parts = []
-        context = parts[0][3] if parts else z.new_zeros(z.shape[0], 0, self.code_dim)
-        parts += [token for _, token in self._run(z, codebook, quantizer, context, count)]
-        normalised, ids, codes, straight = (torch.cat(column, dim=1) for column in zip(*parts))
-        out = quantizer.finish(normalised, ids, codes, z.dtype)
-        return Quantized(straight, ids, out.loss, out.inputs)
+            tokens.append(expert_token(quantizer.snap(prefix, codebook), z.dtype))
+        context = tokens[0].straight if tokens else z.new_zeros(z.shape[0], 0, self.code_dim)
+        tokens += [token for _, token in self._run(z, codebook, quantizer, context, count)]
+        everything = joined(tokens)
+        out = quantizer.finish(everything.snapped, z.dtype)
+        return Quantized(everything.straight, everything.snapped.ids, out.loss, out.inputs)
 
     @torch.no_grad()
     def raw_outputs(self, z: Tensor, quantizer: VectorQuantizer, count: int) -> Tensor:
@@ -101,15 +117,14 @@ class MixtureOfCausalExperts(nn.Module):
 
     def _run(
         self, z: Tensor, codebook: Tensor, quantizer: VectorQuantizer, context: Tensor, count: int
-    ) -> Iterator[Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]]:
+    ) -> Iterator[Tuple[Tensor, ExpertToken]]:
         """After the tokens whose codes are given, up to token count-1: each raw output [B, 1, code_dim]
-        and its token (normalised output, id, code, straight-through code), which joins the context."""
+        and its token, whose straight-through code joins the context."""
         for expert in self.experts[context.shape[1] : count]:
             output = expert(z, context)[:, None]
-            normalised, ids, codes = quantizer.snap(output, codebook)
-            straight = straight_through(normalised, codes).to(z.dtype)
-            context = torch.cat([context, straight], dim=1)
-            yield output, (normalised, ids, codes, straight)
+            token = expert_token(quantizer.snap(output, codebook), z.dtype)
+            context = torch.cat([context, token.straight], dim=1)
+            yield output, token
 
     def grow(self, start: int, stop: int, init: str, generator: Optional[torch.Generator] = None) -> None:
         """Bring experts start..stop-1 into use: copies of expert start-1, or freshly initialised.

@@ -7,7 +7,7 @@ Codes that go unused for a while can be moved onto recent encoder outputs (dead-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,14 @@ class Quantized:
     ids: Tensor  # [...] long
     loss: Tensor  # scalar: codebook loss + commitment * commitment loss
     inputs: Tensor  # [..., dim] the normalised inputs (what dead codes restart onto)
+
+
+class Snapped(NamedTuple):
+    """Vectors matched to their nearest codes, before any loss or straight-through gradient."""
+
+    normalised: Tensor  # [..., dim] the inputs on the unit sphere (float)
+    ids: Tensor  # [...] long
+    codes: Tensor  # [..., dim] the chosen codes (float)
 
 
 class VectorQuantizer(nn.Module):
@@ -43,19 +51,20 @@ class VectorQuantizer(nn.Module):
         return F.embedding(ids, self.normalized_codebook())
 
     def forward(self, vectors: Tensor) -> Quantized:
-        return self.finish(*self.snap(vectors, self.normalized_codebook().float()), vectors.dtype)
+        return self.finish(self.snap(vectors, self.normalized_codebook().float()), vectors.dtype)
 
-    def snap(self, vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The nearest codes of `codebook` (normalised, float) to `vectors` [..., dim]: (the normalised
-        inputs, ids, codes). Callers that quantize token by token normalise the codebook once."""
+    def snap(self, vectors: Tensor, codebook: Tensor) -> Snapped:
+        """The nearest codes of `codebook` (normalised, float) to `vectors` [..., dim]. Callers that quantize
+        token by token normalise the codebook once and call `finish` once on all tokens."""
         z = F.normalize(vectors.float(), dim=-1)
         ids = (z @ codebook.t()).argmax(dim=-1)
-        return z, ids, F.embedding(ids, codebook)
+        return Snapped(z, ids, F.embedding(ids, codebook))
 
-    def finish(self, z: Tensor, ids: Tensor, codes: Tensor, dtype: torch.dtype) -> Quantized:
-        """Codebook and commitment losses over all of `z`, and codes with straight-through gradients."""
+    def finish(self, snapped: Snapped, dtype: torch.dtype) -> Quantized:
+        """Codebook and commitment losses over all of `snapped`, and codes with straight-through gradients."""
+        z, codes = snapped.normalised, snapped.codes
         loss = F.mse_loss(codes, z.detach()) + self.commitment * F.mse_loss(z, codes.detach())
-        return Quantized(straight_through(z, codes).to(dtype), ids, loss, z.detach())
+        return Quantized(straight_through(z, codes).to(dtype), snapped.ids, loss, z.detach())
 
     @torch.no_grad()
     def note_usage(self, ids: Tensor, step: int) -> None:

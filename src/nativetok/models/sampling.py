@@ -1,12 +1,10 @@
-"""Shared pieces of class-conditional sampling: guidance, drawing tokens from logits, the keys of the fixed-shape
-model steps that sampling loops run (eager, compiled, or replayed from a CUDA graph), and what they cost the host.
-The generators' shared trunk and interface are in `generator.py`."""
+"""Shared pieces of class-conditional sampling: guidance, drawing tokens from logits, and the keys of the
+fixed-shape model steps that sampling loops run (eager, compiled, or replayed from a CUDA graph). The generators'
+shared trunk and interface are in `generator.py`; what sampling costs is measured in `benchmarks/profiling.py`."""
 
 from __future__ import annotations
 
-import statistics
-import time
-from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +12,6 @@ from torch import Tensor
 
 from nativetok.config.schema import GUIDANCE_SCHEDULES, GuidanceSchedule
 from nativetok.models.graphs import Compile
-from nativetok.profiling import DispatchCounter
-
-if TYPE_CHECKING:  # generator.py imports this module
-    from nativetok.models.generator import Generator
 
 
 def guidance_scale(scale: float, schedule: GuidanceSchedule, progress: float) -> float:
@@ -87,47 +81,3 @@ def step_key(device: torch.device, rows: int, graph: Optional[bool], compile: Co
         raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     return StepKey(rows, autocast, record, compile if isinstance(compile, bool) else repr(sorted(compile.items())))
-
-
-def sampling_throughput(
-    model: Generator,
-    batch: int = 8,
-    cfg_scale: float = 2.0,
-    device: str | torch.device = "cuda",
-    graph: Optional[bool] = None,
-    repeats: int = 3,
-    **sample_options,
-) -> float:
-    """Generated tokens per second of `model.sample` (moved to `device`) for `batch` labels: the median of
-    `repeats` timed calls after one untimed call that records the graph or compiles."""
-    device = torch.device(device)
-    labels = (torch.arange(batch) % model.num_classes).to(device)
-    model.to(device)
-
-    def timed_call() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model.sample(labels, cfg_scale=cfg_scale, graph=graph, **sample_options)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    timed_call()
-    return batch * model.num_tokens / statistics.median(timed_call() for _ in range(repeats))
-
-
-def dispatch_cost_per_token(
-    model: Generator, batch: int = 8, cfg_scale: float = 2.0, **sample_options
-) -> Dict[str, float]:
-    """Aten ops, host syncs and tensors made from host data per token position of one eager `model.sample`
-    call (every row gets its token at that position together), counted after one warm-up call."""
-    labels = (torch.arange(batch) % model.num_classes).to(next(model.parameters()).device)
-    model.sample(labels, cfg_scale=cfg_scale, graph=False, **sample_options)
-    with DispatchCounter() as counter:
-        model.sample(labels, cfg_scale=cfg_scale, graph=False, **sample_options)
-    return {
-        "ops": counter.total / model.num_tokens,
-        "syncs": sum(counter.syncs.values()) / model.num_tokens,
-        "host_data": sum(counter.host_data.values()) / model.num_tokens,
-    }

@@ -7,14 +7,14 @@ Kinds (the comparison of the paper, like for like), one small subclass each, bui
 - `causal_mask`: the same, but latent token i attends only to the patches and to latents <= i (and the
   patches do not attend to the latents), so the order is causal by masking alone.
 
-Every public method takes and returns images in [0, 1]; the networks work in [-1, 1] (`models/pixels.py`).
+Every public method takes and returns images in [0, 1]; the networks work in [-1, 1] (`pixels.py`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -60,13 +60,32 @@ class LatentTokens(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
 
 
+TOKENIZERS: Dict[str, Type["NativeTokenizer"]] = {}  # kind (one of TOKENIZER_KINDS) -> class, filled by subclassing
+
+
+def prefix_lengths(count: int) -> List[int]:
+    """The prefix lengths k at which a tokenizer of `count` tokens is shown and measured: 1, 2, 4, ... below
+    `count` (a log scale, as a prefix's quality grows roughly with the log of its length), then `count`."""
+    return [1 << i for i in range(max(count - 1, 0).bit_length())] + ([count] if count > 0 else [])
+
+
 class NativeTokenizer(nn.Module):
     """What every kind shares: MIT, quantizer, decoder, the public encode/decode/forward and the HNT parts.
 
-    A subclass per kind (`build_tokenizer` picks it) adds the token producer between MIT and quantizer.
+    A subclass per kind adds the token producer between MIT and quantizer; naming its kind
+    (`class X(NativeTokenizer, kind="parallel")`) registers it for `build_tokenizer`, as generators do.
     """
 
-    kind: TokenizerKind
+    kind: ClassVar[TokenizerKind]
+
+    def __init_subclass__(cls, kind: Optional[str] = None, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if kind is None:
+            return
+        if kind not in TOKENIZER_KINDS or kind in TOKENIZERS:
+            raise ValueError(f"tokenizer kind '{kind}' is not one of {TOKENIZER_KINDS} or is registered twice")
+        cls.kind = kind
+        TOKENIZERS[kind] = cls
 
     def __init__(self, config: TokenizerConfig, image_size: int, channels: int):
         super().__init__()
@@ -236,21 +255,8 @@ class NativeTokenizer(nn.Module):
         return counts
 
 
-TOKENIZERS: Dict[str, Type[NativeTokenizer]] = {}
-
-
-def register(cls: Type[NativeTokenizer]) -> Type[NativeTokenizer]:
-    """Add a kind to TOKENIZERS under its `kind`, one of TOKENIZER_KINDS."""
-    assert cls.kind in TOKENIZER_KINDS and cls.kind not in TOKENIZERS, cls.kind
-    TOKENIZERS[cls.kind] = cls
-    return cls
-
-
-@register
-class ExpertTokenizer(NativeTokenizer):
+class ExpertTokenizer(NativeTokenizer, kind="nativetok"):
     """NativeTok: Z from the MIT, then one causal expert per token (MoCET), grown by HNT."""
-
-    kind = "nativetok"
 
     def _build_producer(self, config: TokenizerConfig) -> None:
         e = config.experts
@@ -314,11 +320,9 @@ class ExpertTokenizer(NativeTokenizer):
             groups[f"expert.{i}"] = list(expert.parameters())
 
 
-@register
-class ParallelTokenizer(NativeTokenizer):
+class ParallelTokenizer(NativeTokenizer, kind="parallel"):
     """TiTok-style: learned latent tokens ride along with the patches through the MIT (full attention)."""
 
-    kind = "parallel"
     causal = False
 
     def _build_producer(self, config: TokenizerConfig) -> None:
@@ -341,11 +345,9 @@ class ParallelTokenizer(NativeTokenizer):
         groups["mit"] += list(self.latents.parameters()) + list(self.token_head.parameters())
 
 
-@register
-class CausalMaskTokenizer(ParallelTokenizer):
+class CausalMaskTokenizer(ParallelTokenizer, kind="causal_mask"):
     """The parallel baseline with latent token i seeing only the patches and latents <= i."""
 
-    kind = "causal_mask"
     causal = True
 
 

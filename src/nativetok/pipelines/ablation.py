@@ -42,8 +42,8 @@ def measure_run(run_dir: Path, images, ks: List[int], seconds: float) -> Dict:
 
 def ablate(preset: str = "hnt", out: Path = Path("runs/ablation")) -> Dict[str, List[Dict]]:
     from nativetok.eval.fid import real_images
-    from nativetok.eval.prefix import prefix_lengths
     from nativetok.lit.train import train_tokenizer
+    from nativetok.models.tokenizer import prefix_lengths
 
     path = preset_path(preset, "ablation")
     settings = load_ablation(path)
@@ -72,7 +72,7 @@ def psnr_summaries(runs: List[Dict]) -> Dict[str, Summary]:
 
 
 def write_ablation(root: Path, results: Dict[str, List[Dict]], settings: AblationPreset) -> None:
-    from nativetok.eval.plots import position_curves
+    from nativetok.lit.figures import position_curves
 
     ks = list(next(iter(results.values()))[0]["psnr"])
     reference = psnr_summaries(results[settings.reference])

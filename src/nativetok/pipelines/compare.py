@@ -30,7 +30,7 @@ from nativetok.config import load_config
 from nativetok.config.loading import load_preset, to_container
 from nativetok.config.schema import ComparePreset, ExperimentConfig
 from nativetok.eval.statistics import PairedDifference, Summary
-from nativetok.models.tokenizer import build_tokenizer
+from nativetok.models.tokenizer import build_tokenizer, prefix_lengths
 from nativetok.pipelines.runs import preset_path, timed_training
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,49 @@ def reuse(folder: Path, inputs: Dict) -> Optional[Dict]:
     if not record.is_file():
         return None
     saved = json.loads(record.read_text())
-    if saved["inputs"] != inputs:
-        changed = sorted(k for k in set(saved["inputs"]) | set(inputs) if saved["inputs"].get(k) != inputs.get(k))
+    changed = changed_inputs(saved["inputs"], inputs)
+    if changed:
         raise InputsChanged(f"{folder} was made from other inputs ({', '.join(changed)} changed): remove the folder "
                             f"to run it again with the preset as it is, or give another --out")
     return saved["result"]
+
+
+def changed_inputs(saved: Dict, now: Dict) -> List[str]:
+    """The keys whose values differ between a cell's recorded inputs and today's (dotted inside the config)."""
+    changed = []
+    for name in sorted(set(saved) | set(now)):
+        if name == "config" and isinstance(saved.get(name), dict) and isinstance(now.get(name), dict):
+            changed += changed_config(saved[name], now[name], schema_defaults(), "config")
+        elif name not in saved or name not in now or saved[name] != now[name]:
+            changed.append(name)
+    return sorted(changed)
+
+
+def changed_config(saved: Dict, now: Dict, defaults: Dict, prefix: str) -> List[str]:
+    """A key the schema gained after the cell was made counts as unchanged when it holds its default (the code
+    that made the cell behaved as that default); a key the schema has since lost is not compared (no code reads
+    it any more). So a new option does not invalidate finished cells, and any changed value does."""
+    changed = []
+    for name, value in now.items():
+        key, default = f"{prefix}.{name}", defaults.get(name, _NO_DEFAULT)
+        if name not in saved:
+            if value != default:
+                changed.append(key)
+        elif isinstance(value, dict) and isinstance(saved[name], dict):
+            changed += changed_config(saved[name], value, default if isinstance(default, dict) else {}, key)
+        elif saved[name] != value:
+            changed.append(key)
+    return changed
+
+
+_NO_DEFAULT = object()
+
+
+def schema_defaults() -> Dict:
+    """The experiment config's defaults, in the form a cell records its config."""
+    from omegaconf import OmegaConf
+
+    return to_container(OmegaConf.structured(ExperimentConfig))
 
 
 def cell(folder: Path, inputs: Dict, compute: Callable[[], Dict], progress: "Progress", kind: str, name: str) -> Dict:
@@ -127,8 +165,9 @@ class Progress:
         left = sum((self.total[k] - self.done.get(k, 0)) * (self.seconds[k] / self.computed[k] if self.computed.get(k)
                                                             else overall) for k in self.total)
         count, total = sum(self.done.values()), sum(self.total.values())
+        eta = clock(left) if self.computed or count == total else "unknown until a cell has run"
         log.info("compare [%d/%d] %s %s %s in %s | elapsed %s | ETA %s", count, total, kind, name,
-                 "reused" if reused else "done", clock(seconds), clock(time.monotonic() - self.started), clock(left))
+                 "reused" if reused else "done", clock(seconds), clock(time.monotonic() - self.started), eta)
 
 
 def clock(seconds: float) -> str:
@@ -174,8 +213,8 @@ def compare(preset: str = "default", out: Path = Path("runs/compare"), seeds: Op
             made = tokenizers[arm.tokenizer][-1]
             arms[name].append(arm_cell(settings, path.parent, root, name, seed, made, str(subset), evaluation,
                                        classifier, progress))
-        report = write_report(root, settings, tokenizers, arms, classifier.label,
-                              minutes=(time.monotonic() - progress.started) / 60)
+        training = sum(run["minutes"] for runs in (*tokenizers.values(), *arms.values()) for run in runs)
+        report = write_report(root, settings, tokenizers, arms, classifier.label, minutes=training)
     return report
 
 
@@ -305,7 +344,7 @@ def measure_tokenizer(checkpoint: str, tokens: str, evaluation: EvaluationSet, c
 
     from nativetok.checkpoints import load_tokenizer
     from nativetok.eval.classifier import scores_of_features
-    from nativetok.eval.prefix import prefix_lengths, prefix_reconstructions, psnr_per_image
+    from nativetok.eval.prefix import prefix_reconstructions, psnr_per_image
     from nativetok.eval.samples import to_uint8
     from nativetok.eval.token_metrics import held_out_tokens, sequence_statistics
 
@@ -428,7 +467,7 @@ def reading(a: str, b: str, difference: PairedDifference) -> str:
 def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List[Dict]], arms: Dict[str, List[Dict]],
                  classifier: str, minutes: float) -> Dict:
     """study.md, study.json and the plots, from the cells finished so far (complete seeds only)."""
-    from nativetok.eval.plots import position_curves
+    from nativetok.lit.figures import position_curves
 
     seeds = [r["seed"] for r in next(iter(arms.values()))]
     differences = {f"{a} - {b}": PairedDifference.of([r[PRIMARY] for r in arms[a]], [r[PRIMARY] for r in arms[b]])
@@ -453,7 +492,8 @@ def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {plateaued} of {len(runs)} |")
     lines += ["", f"Paired differences of {ARM_METRICS[PRIMARY][0]} (negative: the first arm is better):", ""]
     lines += [f"- {reading(*key.split(' - '), d)}" for key, d in differences.items()]
-    lines += ["", f"**Verdict (docs/study.md): {decision}.** Time so far: {minutes:.0f} min (finished cells reused)."]
+    lines += ["", f"**Verdict (docs/study.md): {decision}.** Training time of the finished cells, summed: "
+                  f"{minutes:.0f} min."]
     text = "\n".join(lines) + "\n"
     (root / "study.md").write_text(text)
     report = {"seeds": seeds, "verdict": decision, "minutes": minutes, "classifier": classifier,

@@ -8,6 +8,10 @@ folder's logs. A generator's folder bundles its pinned tokenizer in `tokenizer/`
 Loaders take the folder, or its Hub repo once uploaded (see `checkpoints`). An export is written only into a
 new or empty folder, or with `force` over an earlier export holding nothing but an export's files: a folder
 with anything else in it is refused untouched.
+
+`export` is what `save_pretrained` is to a Hub model, and `push_to_hub` uploads an export through
+`huggingface_hub` once it loads as the loaders load it; `load_tokenizer("owner/name", revision=...)` reads it
+back. The card's YAML front matter is the Hub's (library, license, datasets, task, measured metrics).
 """
 
 from __future__ import annotations
@@ -16,14 +20,18 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import yaml
 
 from nativetok.checkpoints import (
     CONFIG_FILE,
     EXPORT_FORMAT,
+    HUB_FILES,
+    HUB_ID,
     TOKENIZER_FOLDER,
     WEIGHTS_FILE,
     CheckpointError,
@@ -31,6 +39,9 @@ from nativetok.checkpoints import (
     export_sha256,
     file_sha256,
     is_export,
+    load_generator,
+    load_generator_tokenizer,
+    load_tokenizer,
     module_state,
     pinned_tokenizer,
     read_checkpoint,
@@ -48,16 +59,25 @@ NOT_RECORDED = "not recorded"
 CARD_FILE = "README.md"
 # What an export holds; its tokenizer/ holds the same but tokenizer/.
 EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, TOKENIZER_FOLDER)
+# What a push uploads: what the loaders read (HUB_FILES) and the cards.
+PUSHED_FILES = (*HUB_FILES, CARD_FILE, f"{TOKENIZER_FOLDER}/{CARD_FILE}")
+# The card's license unless the exporter names another: NativeTok's own (setup.cfg).
+DEFAULT_LICENSE = "apache-2.0"
+# Hub dataset ids of the index names `nativetok shard` writes; another name is not linked to a Hub dataset.
+HUB_DATASETS = {"fmnist": "zalando-datasets/fashion_mnist", "imagenet": "ILSVRC/imagenet-1k"}
+# The Hub's task for each kind: a tokenizer maps images to codes; the generator draws images from class ids, which
+# no Hub task names (the card's tags say class-conditional).
+PIPELINE_TAGS = {"tokenizer": "image-feature-extraction", "generator": "unconditional-image-generation"}
 
 
 def export(
     checkpoint: str | os.PathLike, out: str | os.PathLike, tokenizer: Optional[str] = None,
-    include_tokenizer: bool = True, force: bool = False,
+    include_tokenizer: bool = True, force: bool = False, license: str = DEFAULT_LICENSE,
 ) -> Path:
     """Write the export of a tokenizer or generator checkpoint to `out` and return it; `out` is new or empty, or
     with `force` an earlier export (`check_target`). A generator bundles the tokenizer it is pinned to
     (`tokenizer` to give it another path; its sha256 is checked as `nativetok sample` checks it) unless
-    `include_tokenizer` is off."""
+    `include_tokenizer` is off. `license` (a Hub license id) is what the card shares the weights under."""
     source, out = Path(checkpoint), Path(out)
     if not source.is_file():
         raise CheckpointError(f"export needs a checkpoint file, got {source}" +
@@ -73,6 +93,7 @@ def export(
     meta = {
         "format": EXPORT_FORMAT,
         "kind": kind,
+        "license": license,
         "version": __version__,
         "exported_by": f"nativetok {__version__}",
         "source": {"file": source.name, "sha256": file_sha256(source), "global_step": saved.get("global_step"),
@@ -107,6 +128,51 @@ def export(
         raise
     log.info("exported %s %s (%s) to %s", kind, source, "moving-average weights" if ema else "weights", out)
     return out
+
+
+def push_to_hub(source: str | os.PathLike, repo_id: str, revision: Optional[str] = None,
+                token: Optional[str] = None, private: Optional[bool] = None, commit_message: Optional[str] = None):
+    """Upload the export of `source` to Hugging Face Hub model repo `repo_id` (created when new, `private` then) on
+    branch `revision` (created from main when new; None: main) and return the commit (`.oid` pins the version,
+    `.commit_url`). `source` is an export folder, or a checkpoint exported with the defaults first. Nothing is
+    sent before the folder loads as every loader loads it (`checked_export`); only an export's files go up, and
+    export files the branch holds that this export lacks (a tokenizer/ no longer bundled) go in that commit."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise CheckpointError('pushing to the Hub needs huggingface_hub: pip install ".[hub]"') from None
+    if not HUB_ID.match(repo_id):
+        raise CheckpointError(f"{repo_id} is not a Hugging Face Hub repo id (owner/name)")
+    with tempfile.TemporaryDirectory(prefix="nativetok-push-") as scratch:
+        folder = Path(source) if Path(source).is_dir() else export(source, Path(scratch) / "export")
+        kind, sha256 = checked_export(folder)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        files = list(PUSHED_FILES)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, allow_patterns=files, delete_patterns=files,
+            commit_message=commit_message or f"nativetok {__version__}: {kind} exported from sha256 {sha256[:12]}")
+    log.info("pushed %s %s to %s (%s): commit %s", kind, source, repo_id, revision or "main", commit.oid)
+    return commit
+
+
+def checked_export(folder: Path) -> Tuple[str, str]:
+    """(kind, sha256 of its checkpoint) of an export folder that loads as the loaders load it (config checked,
+    weights' sha256, shapes, a generator's bundled tokenizer against its pin) and holds only an export's files."""
+    unknown = _unknown_files(folder, EXPORT_FILES)
+    if unknown:
+        raise CheckpointError(f"{folder} holds {unknown[0].relative_to(folder)}, which is not an export's file: "
+                              f"push an export folder (`nativetok export`) or a checkpoint")
+    kind = export_metadata(folder)[0].get("kind")
+    if kind == "generator":
+        load_generator(folder)
+        if (folder / TOKENIZER_FOLDER).exists():
+            load_generator_tokenizer(folder)
+    else:
+        load_tokenizer(folder)  # refuses what is neither kind
+    return kind, export_sha256(folder)
 
 
 def check_target(out: Path, force: bool) -> None:
@@ -220,15 +286,13 @@ def model_card(meta: dict, config: ExperimentConfig) -> str:
         model = (f"tokenizer (kind {t.kind}): {data['image_size']}x{data['image_size']}x{data['channels']} images -> "
                  f"{meta['extra_state'].get('_extra_state', {}).get('active_tokens', t.num_tokens)} tokens "
                  f"(of {t.num_tokens}) over a codebook of {t.quantizer.codebook_size}")
-        tags = ["nativetok", "image-tokenizer"]
     else:
         g = config.generator
         model = (f"class-conditional {g.kind} generator of {g.num_tokens} tokens over a codebook of "
                  f"{g.codebook_size}, {data['num_classes']} classes (width {g.width}, depth {g.depth})")
-        tags = ["nativetok", "image-generation", "class-conditional"]
     averaged = f"moving average (decay {weights['ema_decay']})" if weights["ema"] else "trained (no moving average)"
     lines = [
-        "---", "library_name: nativetok", "tags:", *[f"- {tag}" for tag in tags], "---", "",
+        "---", yaml.safe_dump(card_metadata(meta, config), sort_keys=False).rstrip("\n"), "---", "",
         f"# {name} ({kind})", "",
         f"A NativeTok {model}. Exported by `nativetok export` ({meta['exported_by']}) from `{source['file']}` "
         f"(sha256 `{source['sha256']}`), which names this model in pins and manifests.", "",
@@ -255,9 +319,44 @@ def model_card(meta: dict, config: ExperimentConfig) -> str:
                   "Bundled in `tokenizer/` (checked against that sha256 at export)." if meta.get("bundled_tokenizer")
                   else "Not bundled: give it to the loaders (`--tokenizer`)."]
     lines += ["", "## How to load", "", "```python", *_snippet(kind, data), "```", "",
-              "`pip install nativetok safetensors`; to load from the Hugging Face Hub give the repo id "
-              "(`owner/name`) instead of the folder, with `huggingface_hub` installed.", ""]
+              "NativeTok is not on PyPI: in a checkout of its repository, `pip install \".[hub]\"` (`[hub]` adds "
+              "`huggingface_hub`, which reads a Hub repo id `owner/name` given instead of the folder; "
+              "`revision=` a branch, tag or commit pins the version).", ""]
     return "\n".join(lines)
+
+
+def card_metadata(meta: dict, config: ExperimentConfig) -> dict:
+    """The card's YAML front matter, in the Hub's model card format. A model-index holds only what the run
+    measured (the last validation PSNR, with its image count when the config and data index give it): FIDs are
+    not measured in training, and a dataset without a Hub id is named but not linked."""
+    kind, data = meta["kind"], meta["data"]
+    tags = ["nativetok", "image-tokenizer"] if kind == "tokenizer" else [
+        "nativetok", "image-generation", "class-conditional"]
+    card = {"library_name": "nativetok", "license": meta.get("license", DEFAULT_LICENSE),
+            "pipeline_tag": PIPELINE_TAGS[kind], "tags": tags}
+    dataset = HUB_DATASETS.get(data.get("name"))
+    if dataset:
+        card["datasets"] = [dataset]
+    psnr = (meta["metrics"].get("validation") or {}).get("values", {}).get("val/psnr")
+    if kind == "tokenizer" and psnr is not None and data.get("name"):
+        images = validated_images(config, data)
+        name = f"PSNR (dB, {images} images)" if images else "PSNR (dB)"
+        metric = {"type": "psnr", "name": name, "value": round(psnr, 4)}
+        card["metrics"] = ["psnr"]
+        card["model-index"] = [{"name": config.run.name, "results": [{
+            "task": {"type": "image-to-image", "name": "Image reconstruction"},
+            "dataset": {"type": dataset or data["name"], "name": data["name"], "split": config.data.val_split},
+            "metrics": [metric]}]}]
+    return card
+
+
+def validated_images(config: ExperimentConfig, data: dict) -> Optional[int]:
+    """How many images a validation of the run read: its split (as the index counts it), or data.val_samples of
+    it; None when unknown (no index on the exporting machine, shards given by pattern, limit_val_batches)."""
+    split = data.get("samples", {}).get(config.data.val_split)
+    if split is None or config.data.val_shards or config.trainer.limit_val_batches not in (1, 1.0):
+        return None
+    return min(split, config.data.val_samples or split)
 
 
 def _or_not_recorded(value) -> str:
@@ -297,13 +396,14 @@ def _metric_lines(metrics: dict) -> list:
 def _snippet(kind: str, data: dict) -> list:
     shape = f"[B, {data['channels']}, {data['image_size']}, {data['image_size']}]"
     if kind == "tokenizer":
-        return ["from nativetok import load_tokenizer", "", 'tokenizer = load_tokenizer("path/to/this/folder")',
+        return ["from nativetok import load_tokenizer", "",
+                'tokenizer = load_tokenizer("path/to/this/folder")  # or ("owner/name", revision="<commit>")',
                 f"ids = tokenizer.encode(images)  # float {shape} in [0, 1] -> token ids [B, K]",
                 "images = tokenizer.decode(ids)  # and back; decode(ids, k=4) from the first 4 tokens"]
     return ["import torch", "from nativetok import load_generator",
             "from nativetok.checkpoints import load_generator_tokenizer", "",
-            'generator = load_generator("path/to/this/folder")',
+            'generator = load_generator("path/to/this/folder")  # or ("owner/name", revision="<commit>")',
             'tokenizer, _ = load_generator_tokenizer("path/to/this/folder")  # tokenizer/, sha256 checked',
             "ids = generator.sample(labels=torch.tensor([0, 1, 2]), seed=0)  # options: config.json's sampling",
             f"images = tokenizer.decode(ids)  # float {shape} in [0, 1]",
-            "# or: nativetok sample --generator path/to/this/folder --out samples/"]
+            "# or: nativetok sample --generator path/to/this/folder --out samples/  (or owner/name --revision REV)"]

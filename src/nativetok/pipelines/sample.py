@@ -27,8 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
+from torchvision.utils import save_image
 
 from nativetok.checkpoints import (
     file_sha256,
@@ -42,7 +41,9 @@ from nativetok.config.schema import ExperimentConfig, SamplingConfig
 from nativetok.data.shards import Manifest
 from nativetok.eval.samples import SAMPLE_FILES, SAMPLE_MANIFEST, generate_batch
 from nativetok.io import naming_the_file, replace_folder
+from nativetok.lit.callbacks import class_label, labelled_grid
 from nativetok.pipelines.ranks import barrier, join_ranks, process_rank, rank_device
+from nativetok.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def sample_to_folder(
                 "batch_size": batch_size, "precision": precision, "sampling": dataclasses.asdict(sampling),
                 "png": png, "npz": npz, "count": len(labels),
             }
-            _publish(partial, out, names, labels, Manifest("sample", manifest))
+            _publish(partial, out, names, labels, Manifest("sample", manifest), _class_names(checkpoint))
             log.info("%d samples from %d ranks -> %s", len(labels), world, out)
         barrier(world)
     finally:
@@ -124,6 +125,13 @@ def _read_generator(generator_path: str, classes: Optional[Sequence[int]],
     return checkpoint, config, sampling, classes
 
 
+def _class_names(checkpoint: dict) -> List[str]:
+    """The class names the generator's checkpoint keeps (from its training data's index), to name the grid's
+    rows; none (rows named by class id) in a checkpoint written before it kept them."""
+    names = checkpoint.get("nativetok", {}).get("classes")
+    return [str(name) for name in names] if isinstance(names, list) else []
+
+
 def _load_models(generator_path: str, checkpoint: dict, config: ExperimentConfig, tokenizer_path: Optional[str],
                  mismatch_ok: bool, device: str) -> tuple:
     """(generator, tokenizer, tokenizer file, its sha256): the tokenizer the generator was trained with, by sha256."""
@@ -141,7 +149,7 @@ def _draw_pngs(folder: Path, names: List[str], generator, tokenizer, labels: tor
     numbers = range(rank, batches, world)
     log.info("rank %d of %d: %d of %d batches on %s", rank, world, len(numbers), batches,
              next(generator.parameters()).device)
-    for number in tqdm(numbers, desc="sampling", unit="batch", disable=rank != 0):
+    for number in track(numbers, desc="sampling", unit="batch", disable=rank != 0):
         start = number * batch_size
         images = generate_batch(generator, tokenizer, labels[start : start + batch_size], sampling, seed + number,
                                 precision)
@@ -151,19 +159,22 @@ def _draw_pngs(folder: Path, names: List[str], generator, tokenizer, labels: tor
                 Image.fromarray(image).save(folder / names[i])
 
 
-def _publish(partial: Path, out: Path, names: List[str], labels: torch.Tensor, manifest: Manifest) -> None:
+def _publish(partial: Path, out: Path, names: List[str], labels: torch.Tensor, manifest: Manifest,
+             class_names: Sequence[str]) -> None:
     """Rank 0, once every rank has written its PNGs: the folder completed, then moved to `out` in one rename."""
     settings = manifest.inputs
-    _finish(partial, names, labels, settings["classes"], settings["per_class"], settings["png"], settings["npz"])
+    row_names = [class_label(c, class_names) for c in settings["classes"]]
+    _finish(partial, names, labels, row_names, settings["per_class"], settings["png"], settings["npz"])
     manifest.save(partial, SAMPLE_MANIFEST)
     replace_folder(partial, out, aside=out.with_name(out.name + ".previous"))
 
 
-def _finish(partial: Path, names: List[str], labels: torch.Tensor, classes: List[int], per_class: int,
+def _finish(partial: Path, names: List[str], labels: torch.Tensor, row_names: List[str], per_class: int,
             png: bool, npz: bool) -> None:
     """Rank 0, once every rank has written its PNGs: the npz and the grid from them, in image order."""
-    # The grid: a row per class (at most 10 classes), at most 10 samples a row.
-    shown = [i for i, label in enumerate(labels.tolist()) if classes.index(label) < 10 and i % per_class < 10]
+    # The grid: a row per class (at most 10 classes), at most 10 samples a row, named and enlarged as the
+    # training grids are.
+    shown = [i for i in range(len(labels)) if i // per_class < 10 and i % per_class < 10]
     if npz:
         images = read_pngs(partial / "images", names)
         rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
@@ -172,9 +183,8 @@ def _finish(partial: Path, names: List[str], labels: torch.Tensor, classes: List
         images = images[shown]
     else:
         images = read_pngs(partial / "images", [names[i] for i in shown])
-    grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, nrow=min(per_class, 10), padding=1,
-                     pad_value=1.0)
-    save_image(grid, partial / "grid.png")
+    rows = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).split(min(per_class, 10))
+    save_image(labelled_grid(rows, row_names[:10]), partial / "grid.png")
     if not png:
         shutil.rmtree(partial / "images")
 

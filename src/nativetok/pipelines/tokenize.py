@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from tqdm import tqdm
 
 from nativetok.checkpoints import file_sha256, read_checkpoint, tokenizer_from_checkpoint
 from nativetok.data.shards import (
@@ -39,6 +38,7 @@ from nativetok.data.transforms import ImageDecoder
 from nativetok.lit.run_folder import RunLock
 from nativetok.pipelines.ranks import process_rank, rank_device
 from nativetok.precision import autocast
+from nativetok.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def tokenize_shards(
         jobs = _this_ranks_shards(images, splits, out, name, rank, world)
         total = sum(spec.samples or 0 for spec, _ in jobs)
         log.info("rank %d of %d: %d shards (%d images) to tokenize on %s", rank, world, len(jobs), total, device)
-        with tqdm(total=total, desc=f"tokenize (rank {rank})", unit="img", disable=rank != 0) as progress:
+        with track(total=total, desc=f"tokenize (rank {rank})", unit="img", disable=rank != 0) as progress:
             for spec, target in jobs:
                 _tokenize_shard(tokenizer, spec, target, batch_size, flip, device, progress, precision)
         if rank != 0:

@@ -1,4 +1,5 @@
-"""Host-side cost of a piece of code, measured on any device: dispatched aten ops and host syncs.
+"""Host-side cost of a piece of code, measured on any device: dispatched aten ops and host syncs, and the
+throughput and per-token host cost of a generator's `sample` (used by the benchmarks and their tests).
 
 On a GPU at NativeTok's sizes a step is bound by how many ops the host dispatches and by every point
 where the host waits for the device, not by FLOPs. Both can be counted on a CPU: `DispatchCounter`
@@ -10,10 +11,15 @@ depends on data) are named in `SYNC_OPS`. Tensors built from Python data (`torch
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections import Counter
-from typing import Dict
+from typing import Dict, Optional
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from nativetok.models.generator import Generator
 
 # Ops that read a device value on the host, or whose output shape depends on device data (so the host
 # must wait for it). `multinomial` validates its input with `.item()` inside its kernel, out of sight of
@@ -60,3 +66,47 @@ class DispatchCounter(TorchDispatchMode):
 
     def matmuls(self) -> int:
         return sum(count for name, count in self.ops.items() if any(k in name for k in ("mm.", "addmm", "matmul")))
+
+
+def sampling_throughput(
+    model: Generator,
+    batch: int = 8,
+    cfg_scale: float = 2.0,
+    device: str | torch.device = "cuda",
+    graph: Optional[bool] = None,
+    repeats: int = 3,
+    **sample_options,
+) -> float:
+    """Generated tokens per second of `model.sample` (moved to `device`) for `batch` labels: the median of
+    `repeats` timed calls after one untimed call that records the graph or compiles."""
+    device = torch.device(device)
+    labels = (torch.arange(batch) % model.num_classes).to(device)
+    model.to(device)
+
+    def timed_call() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.sample(labels, cfg_scale=cfg_scale, graph=graph, **sample_options)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed_call()
+    return batch * model.num_tokens / statistics.median(timed_call() for _ in range(repeats))
+
+
+def dispatch_cost_per_token(
+    model: Generator, batch: int = 8, cfg_scale: float = 2.0, **sample_options
+) -> Dict[str, float]:
+    """Aten ops, host syncs and tensors made from host data per token position of one eager `model.sample`
+    call (every row gets its token at that position together), counted after one warm-up call."""
+    labels = (torch.arange(batch) % model.num_classes).to(next(model.parameters()).device)
+    model.sample(labels, cfg_scale=cfg_scale, graph=False, **sample_options)
+    with DispatchCounter() as counter:
+        model.sample(labels, cfg_scale=cfg_scale, graph=False, **sample_options)
+    return {
+        "ops": counter.total / model.num_tokens,
+        "syncs": sum(counter.syncs.values()) / model.num_tokens,
+        "host_data": sum(counter.host_data.values()) / model.num_tokens,
+    }
