@@ -99,6 +99,24 @@ def tiny_generator_config(tmp_path, kind: str = "ar", *overrides: str):
         *overrides])
 
 
+def trained_tokenizer_and_generator(root: Path, fmnist_index: str):
+    """A tiny tokenizer and an AR generator pinned to it, both with moving averages and trained two steps (the
+    tokenizer validated on 16 images), under root/tok and root/gen: their last.ckpt paths."""
+    from nativetok.config import load_config
+    from nativetok.lit.train import build_trainer, generator_module, train_tokenizer
+
+    train_tokenizer(load_config(REPO / "experiments" / "fmnist_tiny.yaml", TINY + [
+        f"data.index={fmnist_index}", f"run.dir={root / 'tok'}", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
+        "data.val_samples=16", "optim.ema_decay=0.5"]))
+    tokenizer = root / "tok" / "checkpoints" / "last.ckpt"
+    config = tiny_generator_config(root / "gen", "ar", f"generator.tokenizer={tokenizer}", "optim.ema_decay=0.5",
+                                   "trainer.max_steps=2", f"data.index={root / 'no_tokens' / 'index.json'}")
+    module = generator_module(config)
+    _ = module.tokenizer  # pins it
+    build_trainer(config, [], root / "gen").fit(module, train_dataloaders=random_token_batches())
+    return tokenizer, root / "gen" / "checkpoints" / "last.ckpt"
+
+
 def random_token_batches():
     """Eight batches of eight random 8-token sequences over 32 codes, with labels cycling through 10 classes."""
     from torch.utils.data import DataLoader

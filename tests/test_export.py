@@ -14,14 +14,12 @@ from safetensors.torch import load_file, save_file
 from nativetok import load_generator, load_tokenizer
 from nativetok.checkpoints import CheckpointError, file_sha256, load_generator_tokenizer
 from nativetok.cli import main
-from nativetok.config import load_config
 from nativetok.data import DatasetIndex
 from nativetok.data.shards import Manifest
 from nativetok.eval.samples import SAMPLE_MANIFEST
-from nativetok.lit.train import build_trainer, generator_module, train_tokenizer
 from nativetok.pipelines.export import export
 
-from .conftest import REPO, TINY, random_token_batches, tiny_generator_config
+from .conftest import trained_tokenizer_and_generator
 
 LABELS = torch.tensor([0, 3, 7])
 
@@ -31,16 +29,7 @@ def run(tmp_path_factory, fmnist_index):
     """A tokenizer and an AR generator pinned to it, both with moving averages and trained two steps, and
     their exports written by the CLI."""
     root = tmp_path_factory.mktemp("export")
-    train_tokenizer(load_config(REPO / "experiments" / "fmnist_tiny.yaml", TINY + [
-        f"data.index={fmnist_index}", f"run.dir={root / 'tok'}", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
-        "data.val_samples=16", "optim.ema_decay=0.5"]))
-    tokenizer = root / "tok" / "checkpoints" / "last.ckpt"
-    config = tiny_generator_config(root / "gen", "ar", f"generator.tokenizer={tokenizer}", "optim.ema_decay=0.5",
-                                   "trainer.max_steps=2", f"data.index={root / 'no_tokens' / 'index.json'}")
-    module = generator_module(config)
-    _ = module.tokenizer  # pins it
-    build_trainer(config, [], root / "gen").fit(module, train_dataloaders=random_token_batches())
-    generator = root / "gen" / "checkpoints" / "last.ckpt"
+    tokenizer, generator = trained_tokenizer_and_generator(root, fmnist_index)
     assert main(["export", str(tokenizer), str(root / "tok_export")]) == 0
     assert main(["export", str(generator), str(root / "gen_export")]) == 0
     return {"root": root, "tok": tokenizer, "gen": generator, "tok_export": root / "tok_export",

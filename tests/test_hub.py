@@ -24,15 +24,13 @@ from safetensors.torch import load_file
 from nativetok import load_generator, load_tokenizer
 from nativetok.checkpoints import HUB_FILES, CheckpointError, file_sha256, load_generator_tokenizer
 from nativetok.cli import main
-from nativetok.config import load_config
 from nativetok.data import DatasetIndex
 from nativetok.data.shards import Manifest, ShardEntry, SplitIndex, shard_name, write_shard
 from nativetok.data.tokens import decode_ids
 from nativetok.eval.samples import SAMPLE_MANIFEST
-from nativetok.lit.train import build_trainer, generator_module, train_tokenizer
 from nativetok.pipelines.export import export, push_to_hub
 
-from .conftest import REPO, TINY, random_token_batches, tiny_generator_config
+from .conftest import trained_tokenizer_and_generator
 from .test_data import read_raw
 
 LABELS = torch.tensor([0, 3, 7])
@@ -45,21 +43,12 @@ def run(tmp_path_factory, fmnist_index):
     """Tokenizer A (moving average, validated on 16 images), tokenizer B (A with its codebook rolled by one: other
     ids for the same images), an AR generator pinned to A, their exports, and a 20-image index to tokenize."""
     root = tmp_path_factory.mktemp("hub")
-    train_tokenizer(load_config(REPO / "experiments" / "fmnist_tiny.yaml", TINY + [
-        f"data.index={fmnist_index}", f"run.dir={root / 'tok'}", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
-        "data.val_samples=16", "optim.ema_decay=0.5"]))
-    tok_a = root / "tok" / "checkpoints" / "last.ckpt"
+    tok_a, gen = trained_tokenizer_and_generator(root, fmnist_index)
     checkpoint = torch.load(tok_a, map_location="cpu", weights_only=True)
     for key, value in checkpoint["state_dict"].items():
         if key.endswith("quantizer.codebook"):
             checkpoint["state_dict"][key] = torch.roll(value, 1, dims=0)
     torch.save(checkpoint, root / "tok_b.ckpt")
-    config = tiny_generator_config(root / "gen", "ar", f"generator.tokenizer={tok_a}", "optim.ema_decay=0.5",
-                                   "trainer.max_steps=2", f"data.index={root / 'no_tokens' / 'index.json'}")
-    module = generator_module(config)
-    _ = module.tokenizer  # pins it
-    build_trainer(config, [], root / "gen").fit(module, train_dataloaders=random_token_batches())
-    gen = root / "gen" / "checkpoints" / "last.ckpt"
     images = root / "images"
     images.mkdir()
     index = DatasetIndex.load(fmnist_index)
