@@ -89,13 +89,20 @@ def tiny_config(tmp_path, fmnist_index):
     return make
 
 
+# A tiny trained tokenizer (codebook 32, 8 tokens) checked in with tests/test_written_before.py's files: the one a
+# stage-2 test decodes with unless it names another (a GeneratorModule loads its tokenizer in `setup`).
+TINY_TOKENIZER = REPO / "tests" / "data" / "written_before" / "tok" / "checkpoints" / "last.ckpt"
+
+
 def tiny_generator_config(tmp_path, kind: str = "ar", *overrides: str):
-    """A stage-2 experiment small enough to train in seconds on `random_token_batches`, writing into tmp_path."""
+    """A stage-2 experiment small enough to train in seconds on `random_token_batches`, writing into tmp_path,
+    decoding with TINY_TOKENIZER and reading no token shards unless the overrides say otherwise."""
     from nativetok.config import load_config
 
     return load_config(REPO / "experiments" / f"fmnist_tiny_{kind}.yaml", [
         "generator.codebook_size=32", "generator.num_tokens=8", "generator.width=32", "generator.depth=1",
         "generator.heads=2", f"run.dir={tmp_path}", "trainer.progress_bar=false", "trainer.val_every_n_steps=100",
+        f"generator.tokenizer={TINY_TOKENIZER}", f"data.index={Path(tmp_path) / 'no_tokens' / 'index.json'}",
         *overrides])
 
 
@@ -112,7 +119,7 @@ def trained_tokenizer_and_generator(root: Path, fmnist_index: str):
     config = tiny_generator_config(root / "gen", "ar", f"generator.tokenizer={tokenizer}", "optim.ema_decay=0.5",
                                    "trainer.max_steps=2", f"data.index={root / 'no_tokens' / 'index.json'}")
     module = generator_module(config)
-    _ = module.tokenizer  # pins it
+    module.load_tokenizer()  # pins it
     build_trainer(config, [], root / "gen").fit(module, train_dataloaders=random_token_batches())
     return tokenizer, root / "gen" / "checkpoints" / "last.ckpt"
 

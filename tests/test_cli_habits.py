@@ -358,3 +358,18 @@ def test_help_shows_the_tasks_and_the_experiments(capsys):
     for command in ("train", "tokenize", "sample", "eval-fid", "compare", "ablate", "submit", "export"):
         assert f"nativetok {command} " in out
     assert "experiments: fmnist_tiny, fmnist_tiny_ar" in out and "+trainer=cpu|ddp|gpu|multinode" in out
+
+
+def test_parsing_a_command_loads_no_lightning_so_lightnings_log_lines_take_our_format():
+    """Lightning gives its logger a handler of its own when it is imported before logging is configured: the CLI
+    parses its arguments (and configures logging) before any command imports Lightning."""
+    import subprocess
+
+    code = ("import sys; from nativetok.cli import parse_arguments; "
+            "parse_arguments(['train', 'fmnist_tiny', 'optim.lr=1e-4']); parse_arguments(['--help'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and "nativetok train" in done.stdout, done.stderr[-2000:]
+    code = ("import sys; from nativetok.cli import parse_arguments; parse_arguments(['train', 'fmnist_tiny']); "
+            "print(sorted(m for m in ('pytorch_lightning', 'torchvision', 'torch_fidelity') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert loaded.stdout.strip() == "[]", loaded.stderr[-2000:]

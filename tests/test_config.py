@@ -121,3 +121,28 @@ def test_missing_and_looping_files(tmp_path):
     write(tmp_path / "b.yaml", "extends: a.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_an_installed_package_finds_experiments_through_the_environment(tmp_path, monkeypatch):
+    import shutil
+
+    from nativetok.config import loading
+
+    installed = tmp_path / "site-packages" / "nativetok" / "config" / "loading.py"
+    installed.parent.mkdir(parents=True)
+    installed.touch()
+    assert loading.checkout_experiments(installed) is None  # a wheel lies in no checkout
+    assert loading.checkout_experiments(Path(loading.__file__)) == (REPO / "experiments").resolve()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading, "checkout_experiments", lambda module=None: None)  # as installed
+    with pytest.raises(ConfigError, match="finds them through NATIVETOK_EXPERIMENTS"):
+        loading.resolve_experiment("fmnist_tiny")
+    mine = tmp_path / "mine"
+    shutil.copytree(REPO / "experiments", mine)
+    monkeypatch.setenv("NATIVETOK_EXPERIMENTS", str(mine))
+    assert loading.resolve_experiment("fmnist_tiny") == mine.resolve() / "fmnist_tiny.yaml"
+    assert load_config(loading.resolve_experiment("fmnist_tiny")).run.name == "fmnist_tiny"
+    monkeypatch.setenv("NATIVETOK_EXPERIMENTS", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="is not a folder of experiments"):
+        loading.resolve_experiment("fmnist_tiny")

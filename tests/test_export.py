@@ -84,7 +84,7 @@ def test_the_model_card_holds_what_the_run_recorded_and_says_what_it_did_not(run
     assert meta["metrics"]["validation"]["values"]["val/loss"] == pytest.approx(float(best["best_model_score"]))
     classes = DatasetIndex.load(Path(checkpoint["hyper_parameters"]["config"]["data"]["index"])).classes
     assert meta["data"]["classes"] == classes and f"0 {classes[0]}" in card
-    assert "moving average (decay 0.5)" in card and 'load_tokenizer("path/to/this/folder")' in card
+    assert "moving average (decay 0.5)" in card and 'NativeTokenizer.from_pretrained("path/to/this/folder")' in card
 
     gen_card = (run["gen_export"] / "README.md").read_text()
     assert "Validation metrics: not recorded" in gen_card and "Best validation score: not recorded" in gen_card

@@ -224,10 +224,11 @@ def test_mismatched_token_shards_and_tokenizers_are_refused(pipeline):
                                                [f"data.index={pipeline['images']}"]).data, 32, 8)
     with pytest.raises(DataError, match="indexes image shards, not token shards"):
         images.check_index()
-    from nativetok.checkpoints import load_matching_tokenizer
+    from nativetok.checkpoints import load_tokenizer
+    from nativetok.config.schema import GeneratorConfig
 
     with pytest.raises(CheckpointError, match="has codebook_size 32 but the generator expects 256"):
-        load_matching_tokenizer(pipeline["tokenizer"], 256, 8)
+        load_tokenizer(pipeline["tokenizer"], fits=GeneratorConfig(codebook_size=256, num_tokens=8))
 
 
 @pytest.mark.parametrize("kind", ["ar", "maskgit"])

@@ -4,6 +4,7 @@ commands given `owner/name` and a revision, under the same checks as an exported
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -21,14 +22,25 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 
-from nativetok import load_generator, load_tokenizer
-from nativetok.checkpoints import HUB_FILES, CheckpointError, file_sha256, load_generator_tokenizer
+from nativetok import Generator, NativeTokenizer, load_generator, load_tokenizer
+from nativetok.checkpoints import (
+    HUB_FILES,
+    CheckpointError,
+    file_sha256,
+    load_generator_tokenizer,
+    read_checkpoint,
+    tokenizer_config,
+)
 from nativetok.cli import main
 from nativetok.data import DatasetIndex
 from nativetok.data.shards import Manifest, ShardEntry, SplitIndex, shard_name, write_shard
 from nativetok.data.tokens import decode_ids
+from nativetok.eval.fid import evaluate_fid
 from nativetok.eval.samples import SAMPLE_MANIFEST
+from nativetok.models import MaskGITGenerator, build_generator, build_tokenizer
 from nativetok.pipelines.export import export, push_to_hub
+from nativetok.pipelines.sample import sample_to_folder
+from nativetok.pipelines.tokenize import tokenize_shards
 
 from .conftest import trained_tokenizer_and_generator
 from .test_data import read_raw
@@ -300,3 +312,101 @@ def test_the_card_is_a_hub_model_card_with_only_measured_metrics(run):
     gen = ModelCard((run["gen_export"] / "README.md").read_text()).data
     assert gen.pipeline_tag == "unconditional-image-generation" and "class-conditional" in gen.tags
     assert gen.eval_results is None and gen.datasets is None  # nothing measured, its data index not here
+
+
+def test_the_classes_save_and_load_themselves_as_the_loaders_do(run, images, tmp_path):
+    tok = NativeTokenizer.from_pretrained(run["tok_a_export"])
+    assert tok.loaded_from == run["tok_a_export"] and tok.experiment_config == tokenizer_config(run["tok_a"])
+    with torch.no_grad():  # "fine-tuned" in memory: other ids for the same images
+        tok.quantizer.codebook.copy_(torch.roll(tok.quantizer.codebook, 1, dims=0))
+    saved = tok.save_pretrained(tmp_path / "tok_c")
+    again = NativeTokenizer.from_pretrained(saved)
+    assert torch.equal(again.encode(images), tok.encode(images))
+    assert not torch.equal(again.encode(images), load_tokenizer(run["tok_a"]).encode(images))
+    meta = json.loads((saved / "config.json").read_text())["nativetok"]
+    assert meta["written_by"] == "save_pretrained" and meta["source"]["sha256"] == meta["weights"]["sha256"]
+    assert file_sha256(saved) == meta["weights"]["sha256"]  # named by its weights, no checkpoint behind it
+    assert "from a model in memory" in (saved / "README.md").read_text()
+    with pytest.raises(CheckpointError, match="holds an earlier export: pass --force"):
+        tok.save_pretrained(saved)
+    assert tok.save_pretrained(saved, force=True) == saved
+
+    with pytest.raises(CheckpointError, match="not a generator"):
+        Generator.from_pretrained(saved)
+    with pytest.raises(CheckpointError, match="needs the experiment config"):
+        build_tokenizer(tok.config, tok.image_size, tok.channels).save_pretrained(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_generator_saves_with_its_pinned_or_a_given_tokenizer_and_refuses_one_that_does_not_fit(
+        run, images, tmp_path):
+    gen = Generator.from_pretrained(run["gen"])
+    with pytest.raises(TypeError, match="not a MaskGITGenerator"):
+        MaskGITGenerator.from_pretrained(run["gen"])
+    pinned = gen.save_pretrained(tmp_path / "pinned")  # the tokenizer it was pinned to, found from its checkpoint
+    assert torch.equal(Generator.from_pretrained(pinned).sample(LABELS, seed=2), gen.sample(LABELS, seed=2))
+    tokenizer, path = load_generator_tokenizer(pinned)
+    assert path == (pinned / "tokenizer").resolve()
+    assert torch.equal(tokenizer.encode(images), load_tokenizer(run["tok_a"]).encode(images))
+
+    tok_b = load_tokenizer(run["tok_b"])
+    given = gen.save_pretrained(tmp_path / "given", tokenizer=tok_b)  # a model: saved as well, then pinned
+    assert torch.equal(load_generator_tokenizer(given)[0].encode(images), tok_b.encode(images))
+    with pytest.raises(CheckpointError, match="needs the tokenizer its tokens belong to"):
+        build_generator(gen.experiment_config.generator, gen.num_classes).save_pretrained(
+            tmp_path / "fresh", config=gen.experiment_config)
+
+    smaller = copy.deepcopy(tok_b.experiment_config)
+    smaller.tokenizer.quantizer.codebook_size = gen.codebook_size // 2
+    misfit = build_tokenizer(smaller.tokenizer, tok_b.image_size, tok_b.channels)
+    misfit.experiment_config = smaller
+    with pytest.raises(CheckpointError, match=f"has codebook_size {gen.codebook_size // 2} but the generator expects"):
+        gen.save_pretrained(tmp_path / "misfit", tokenizer=misfit)
+    assert not (tmp_path / "misfit").exists() and not any(tmp_path.glob(".misfit*"))
+
+
+def test_push_to_hub_from_a_model_then_from_pretrained_at_that_revision(run, images, offline_hub):
+    gen = Generator.from_pretrained(run["gen_export"])
+    commit = gen.push_to_hub("someone/tiny-gen", revision="v2", private=True)
+    hub = offline_hub.hub
+    assert hub.calls[1:] == [
+        ("create_repo", "someone/tiny-gen", True, True), ("create_branch", "someone/tiny-gen", "v2", True),
+        ("upload_folder", "someone/tiny-gen", "v2", hub.calls[-1][3], BUNDLED)]
+    cache_commit("someone/tiny-gen", hub.commits[commit.oid], refs=["v2"])
+    pulled = Generator.from_pretrained("someone/tiny-gen", revision=commit.oid)
+    assert torch.equal(pulled.sample(LABELS, seed=2), load_generator(run["gen"]).sample(LABELS, seed=2))
+    assert torch.equal(load_generator_tokenizer("someone/tiny-gen", revision="v2")[0].encode(images),
+                       load_tokenizer(run["tok_a"]).encode(images))
+
+
+def test_an_export_keeps_the_class_names_a_sample_grid_is_labelled_with(run, tmp_path):
+    checkpoint = torch.load(run["gen"], map_location="cpu", weights_only=True)
+    checkpoint["nativetok"]["classes"] = [f"class {i}" for i in range(10)]
+    torch.save(checkpoint, tmp_path / "named.ckpt")
+    folder = export(tmp_path / "named.ckpt", tmp_path / "named")
+    assert read_checkpoint(folder, "generator")["nativetok"]["classes"] == checkpoint["nativetok"]["classes"]
+    saved = load_generator(folder).save_pretrained(tmp_path / "resaved")
+    assert read_checkpoint(saved, "generator")["nativetok"]["classes"] == checkpoint["nativetok"]["classes"]
+
+
+def test_the_python_functions_take_a_repo_id_and_revision_as_the_commands_do(run, tmp_path, offline_hub):
+    cache_commit("someone/tiny-tok", folder_files(run["tok_a_export"]), refs=["v1"])
+    cache_commit("someone/tiny-gen", folder_files(run["gen_export"]), refs=["v1"])
+    index = tokenize_shards("someone/tiny-tok", str(run["images"]), Path("tokens"), splits=["val"], batch_size=8,
+                            device="cpu", revision="v1")
+    assert index.tokens["tokenizer_sha256"] == file_sha256(run["tok_a"])
+    sample_to_folder("someone/tiny-gen", Path("s"), classes=[0], per_class=2, device="cpu", revision="v1")
+    assert Manifest.load(Path("s"), SAMPLE_MANIFEST).inputs["generator_sha256"] == file_sha256(run["gen"])
+    with pytest.raises(CheckpointError, match="at revision v9"):
+        evaluate_fid(tokenizer_path="someone/tiny-tok", tokenizer_revision="v9")
+    with pytest.raises(CheckpointError, match="revision v1 is given without the model"):
+        evaluate_fid(generator_path=str(run["gen"]), tokenizer_revision="v1")
+
+
+def test_the_cards_loading_code_runs_on_its_own_folder(run, images):
+    for folder, count in ((run["tok_a_export"], len(images)), (run["gen_export"], len(LABELS))):
+        card = (folder / "README.md").read_text()
+        code = card.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(folder))
+        scope = {"images": images}
+        exec(compile(code, f"{folder}/README.md", "exec"), scope)
+        assert scope["images"].shape == (count, *images.shape[1:])

@@ -34,7 +34,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from nativetok.config.loading import ConfigError, from_container
-from nativetok.config.schema import ExperimentConfig
+from nativetok.config.schema import ExperimentConfig, GeneratorConfig
 from nativetok.models import Generator, NativeTokenizer, build_generator, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or of another kind than asked for."""
 
 
-def local_model_path(path: str | os.PathLike, revision: Optional[str] = None) -> Path:
+def local_model_path(path: Optional[str | os.PathLike], revision: Optional[str] = None) -> Optional[Path]:
     """`path` itself when it exists or cannot be a Hub repo id; else the local snapshot of Hugging Face Hub repo
     `path` at `revision` (a branch, tag or commit; None: main), downloaded or taken from the Hub's cache as
     `from_pretrained` does, with only the files a loader reads (`HUB_FILES`). Callers that read the model more
-    than once (load it, then hash it for a manifest) resolve it once, so that every step reads one commit."""
+    than once (load it, then hash it for a manifest) resolve it once, so that every step reads one commit.
+    No model (None) stays None; a revision without one is refused."""
+    if path is None:
+        if revision is not None:
+            raise CheckpointError(f"revision {revision} is given without the model it is a revision of")
+        return None
     local = Path(path)
     if local.exists() or not HUB_ID.match(str(path)):
         if revision is not None:
@@ -182,7 +187,7 @@ def read_export(folder: Path, kind: Optional[str]) -> dict:
     prefix = "ema.shadow." if meta["weights"]["ema"] else f"{found}."
     state = {prefix + k: v for k, v in {**weights, **meta.get("extra_state", {})}.items()}
     return {"state_dict": state, "hyper_parameters": {"config": config}, "global_step": meta["source"]["global_step"],
-            "nativetok": {k: meta[k] for k in ("kind", "version", "tokenizer") if k in meta}}
+            "nativetok": {k: meta[k] for k in ("kind", "version", "tokenizer", "classes") if k in meta}}
 
 
 def module_state(checkpoint: dict, prefix: str) -> dict:
@@ -262,10 +267,18 @@ def bytes_sha256(path: str | os.PathLike) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu", ema: bool = True,
-                   revision: Optional[str] = None) -> NativeTokenizer:
+                   revision: Optional[str] = None, fits: Optional[GeneratorConfig] = None) -> NativeTokenizer:
     """A trained tokenizer in eval mode (its moving-average weights when it has them and `ema` is set), from a
-    checkpoint, an export, or a Hub repo id at `revision`."""
-    return tokenizer_from_checkpoint(read_checkpoint(path, "tokenizer", revision=revision), device, ema)
+    checkpoint, an export, or a Hub repo id at `revision`; with `fits`, refused unless its codebook and token
+    count are that generator's (the tokenizer a generator decodes with)."""
+    path = local_model_path(path, revision)
+    tokenizer = tokenizer_from_checkpoint(read_checkpoint(path, "tokenizer"), device, ema)
+    tokenizer.loaded_from = path
+    for name, found in (("codebook_size", tokenizer.quantizer.codebook_size), ("num_tokens", tokenizer.num_active)):
+        expected = getattr(fits, name, found)
+        if found != expected:
+            raise CheckpointError(f"tokenizer {path} has {name} {found} but the generator expects {expected}")
+    return tokenizer
 
 
 def tokenizer_from_checkpoint(
@@ -277,21 +290,8 @@ def tokenizer_from_checkpoint(
              "patches of data.image_size": (config.data.image_size // config.tokenizer.patch_size) ** 2}
     tokenizer = build_to_fit(lambda: build_tokenizer(config.tokenizer, config.data.image_size, config.data.channels),
                              sizes, weights_state(checkpoint, "tokenizer", ema), "tokenizer")
+    tokenizer.experiment_config = config
     return tokenizer.to(device).eval()
-
-
-def load_matching_tokenizer(
-    path: str | os.PathLike, codebook_size: int, num_tokens: int, device: str | torch.device = "cpu"
-) -> NativeTokenizer:
-    """The tokenizer a generator decodes with, refused when its codebook or token count differ."""
-    tokenizer = load_tokenizer(path, device)
-    for name, found, expected in (
-        ("codebook_size", tokenizer.quantizer.codebook_size, codebook_size),
-        ("num_tokens", tokenizer.num_active, num_tokens),
-    ):
-        if found != expected:
-            raise CheckpointError(f"tokenizer {path} has {name} {found} but the generator expects {expected}")
-    return tokenizer
 
 
 def generator_config(path: str | os.PathLike) -> ExperimentConfig:
@@ -304,7 +304,10 @@ def load_generator(
 ) -> Generator:
     """A trained generator in eval mode (its moving-average weights when it has them and `ema` is set), from a
     checkpoint, an export, or a Hub repo id at `revision`."""
-    return generator_from_checkpoint(read_checkpoint(path, "generator", revision=revision), device, ema)
+    path = local_model_path(path, revision)
+    generator = generator_from_checkpoint(read_checkpoint(path, "generator"), device, ema)
+    generator.loaded_from = path
+    return generator
 
 
 def generator_from_checkpoint(
@@ -315,6 +318,7 @@ def generator_from_checkpoint(
     sizes = {**config_sizes(config.generator, "generator"), "data.num_classes": config.data.num_classes}
     generator = build_to_fit(lambda: build_generator(config.generator, config.data.num_classes), sizes,
                              weights_state(checkpoint, "generator", ema), "generator")
+    generator.experiment_config = config
     return generator.to(device).eval()
 
 
@@ -362,7 +366,7 @@ def pin_matches(pin: dict, path: Path) -> Tuple[bool, str]:
     return found == pin.get("weights_sha256"), f"weights sha256 {found[:12]}"
 
 
-def run_folder(checkpoint_path: str | os.PathLike) -> Path:
+def run_folder_of(checkpoint_path: str | os.PathLike) -> Path:
     """The run folder of a checkpoint: the parent of its `checkpoints/` folder, else its own folder; an exported
     folder is its own (its pin's run_path names the tokenizer bundled in it)."""
     if Path(checkpoint_path).is_dir():
@@ -386,7 +390,7 @@ def pinned_tokenizer(
     elif export:
         candidates = [bundled_tokenizer(Path(generator_path), pin["run_path"] if pin else TOKENIZER_FOLDER)]
     elif pin:
-        candidates = [Path(pin["path"]), run_folder(generator_path) / pin["run_path"]]
+        candidates = [Path(pin["path"]), run_folder_of(generator_path) / pin["run_path"]]
     else:  # trained before generators pinned their tokenizer: the configured path, as it was
         candidates = [Path(from_container(checkpoint["hyper_parameters"]["config"]).generator.tokenizer)]
     found = [c for c in dict.fromkeys(c.resolve() for c in candidates) if c.is_file() or is_export(c)]
@@ -427,4 +431,4 @@ def load_generator_tokenizer(
     checkpoint = read_checkpoint(generator_path, "generator")
     path, _ = pinned_tokenizer(generator_path, checkpoint, tokenizer_path, mismatch_ok)
     g = from_container(checkpoint["hyper_parameters"]["config"]).generator
-    return load_matching_tokenizer(path, g.codebook_size, g.num_tokens, device), path
+    return load_tokenizer(path, device, fits=g), path

@@ -1,4 +1,10 @@
-"""`nativetok <command>`: parse the arguments, load the config, call one function per command."""
+"""`nativetok <command>`: parse the arguments, load the config, call one function per command.
+
+Each command imports what it runs inside its own function, so that `nativetok --help`, `config` and a
+`submit --dry-run` answer without loading Lightning, torchvision or the evaluation stack. Elsewhere in the
+package an import sits inside a function only when it is optional or heavy and used by one path
+(docs/architecture.md, "Imports").
+"""
 
 from __future__ import annotations
 
@@ -116,24 +122,12 @@ def _hub_revision_option(parser: argparse.ArgumentParser, flag: str, model: str)
                              "(default main; a commit pins the version)")
 
 
-def _local_model(path: Optional[str], revision: Optional[str]) -> Optional[str]:
-    """A Hub repo id as the folder of its snapshot at `revision`, resolved once: loading the model, hashing it for
-    a manifest and finding a generator's bundled tokenizer then all read that one commit."""
-    from nativetok.checkpoints import CheckpointError, local_model_path
-
-    if path is None:
-        if revision is not None:
-            raise CheckpointError(f"revision {revision} is given without the model it is a revision of")
-        return None
-    return str(local_model_path(path, revision))
-
-
 def _tokenize(args: argparse.Namespace) -> None:
     from nativetok.pipelines.tokenize import tokenize_shards
 
     tokenize_shards(
-        _local_model(args.tokenizer, args.revision), args.data, Path(args.out), splits=args.splits,
-        batch_size=args.batch_size, flip=args.flip, device=args.device, precision=args.precision, force=args.force,
+        args.tokenizer, args.data, Path(args.out), splits=args.splits, batch_size=args.batch_size, flip=args.flip,
+        device=args.device, precision=args.precision, force=args.force, revision=args.revision,
     )
 
 
@@ -151,8 +145,8 @@ def _sample(args: argparse.Namespace) -> None:
     sampling = {field: getattr(args, option[2:].replace("-", "_")) for field, option in SAMPLING_OPTIONS.items()}
     check_sampling_options(sampling, SAMPLING_OPTIONS)
     sample_to_folder(
-        _local_model(args.generator, args.revision), Path(args.out), classes=args.classes, per_class=args.per_class,
-        tokenizer_path=_local_model(args.tokenizer, args.tokenizer_revision), seed=args.seed,
+        args.generator, Path(args.out), classes=args.classes, per_class=args.per_class, revision=args.revision,
+        tokenizer_path=args.tokenizer, tokenizer_revision=args.tokenizer_revision, seed=args.seed,
         batch_size=args.batch_size, device=args.device,
         png=args.format in ("png", "both"), npz=args.format in ("npz", "both"), precision=args.precision,
         tokenizer_mismatch_ok=args.tokenizer_mismatch_ok, **sampling,
@@ -163,8 +157,8 @@ def _eval_fid(args: argparse.Namespace) -> None:
     from nativetok.eval.fid import evaluate_fid
 
     evaluate_fid(
-        tokenizer_path=_local_model(args.tokenizer, args.tokenizer_revision),
-        generator_path=_local_model(args.generator, args.generator_revision), samples=args.samples, num=args.num,
+        tokenizer_path=args.tokenizer, tokenizer_revision=args.tokenizer_revision, generator_path=args.generator,
+        generator_revision=args.generator_revision, samples=args.samples, num=args.num,
         data=args.data, real_split=args.split, reference_split=args.reference_split, inception=args.inception,
         device=args.device, seed=args.seed, out=Path(args.out), precision=args.precision,
         tokenizer_mismatch_ok=args.tokenizer_mismatch_ok, reference_images=args.reference_images,

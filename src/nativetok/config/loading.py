@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -58,8 +58,9 @@ SAVED_CONFIG = "the config saved in the checkpoint"
 STORED_NEVER = "callbacks"
 # A Python dotted name (`package.module.Class`): the only form a callback's class_path may take.
 DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
-# The repository (this file is src/nativetok/config/loading.py): its experiments/ serve any working directory.
-ROOT = Path(__file__).resolve().parents[3]
+# A folder of experiments for an installed package (a wheel holds no experiments/), looked in after the current
+# directory's experiments/ and before the source checkout's.
+EXPERIMENTS_ENV = "NATIVETOK_EXPERIMENTS"
 # Folders of experiments/ that hold the presets of `nativetok compare` and `ablate`, not config layers.
 NOT_GROUPS = ("ablation", "compare")
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -125,13 +126,26 @@ def _suggest(key: str, node_type: Any) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def checkout_experiments(module: Path = Path(__file__)) -> Optional[Path]:
+    """The experiments/ of the source checkout this package runs from (`module` is its
+    src/nativetok/config/loading.py); None for an installed package, which lies in no checkout."""
+    module = module.resolve()
+    root = module.parents[3] if len(module.parents) > 3 else None
+    if root is None or module.parent.parent.parent.name != "src" or not (root / "experiments").is_dir():
+        return None
+    return root / "experiments"
+
+
 def experiment_roots() -> List[Path]:
-    """experiments/ under the current directory, then under the repository (each once, those that exist)."""
+    """Where experiments are looked up, each once: experiments/ under the current directory, the folder named by
+    $NATIVETOK_EXPERIMENTS (refused when it is no folder), then the source checkout's experiments/."""
+    named = os.environ.get(EXPERIMENTS_ENV)
+    if named and not Path(named).is_dir():
+        raise ConfigError(f"{EXPERIMENTS_ENV}={named} is not a folder of experiments")
     roots: List[Path] = []
-    for base in (Path.cwd(), ROOT):
-        folder = (base / "experiments").resolve()
-        if folder.is_dir() and folder not in roots:
-            roots.append(folder)
+    for folder in (Path.cwd() / "experiments", Path(named) if named else None, checkout_experiments()):
+        if folder is not None and folder.is_dir() and folder.resolve() not in roots:
+            roots.append(folder.resolve())
     return roots
 
 
@@ -150,7 +164,8 @@ def resolve_experiment(experiment: str | os.PathLike) -> Path:
     for root in roots:
         if (root / f"{path}.yaml").is_file():
             return root / f"{path}.yaml"
-    where = " or ".join(str(root) for root in roots) or f"experiments/ (none in {Path.cwd()} or {ROOT})"
+    where = " or ".join(str(root) for root in roots) or (
+        f"experiments/ (none in {Path.cwd()}; an installed package finds them through {EXPERIMENTS_ENV})")
     raise ConfigError(f"no experiment named '{experiment}' in {where}; "
                       f"available: {', '.join(available_experiments()) or 'none'}")
 

@@ -152,11 +152,7 @@ class QuantizerConfig:
 
 
 @dataclass
-class DecoderConfig:
-    width: int = 256
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
+class DecoderConfig(TransformerConfig):
     # Probability that a training sample is decoded from a random prefix of its tokens.
     random_prefix: float = 0.0
 

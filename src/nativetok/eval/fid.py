@@ -27,6 +27,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from nativetok.checkpoints import (
+    generator_config,
+    load_generator,
+    load_generator_tokenizer,
+    load_tokenizer,
+    local_model_path,
+    named_data,
+    tokenizer_config,
+)
 from nativetok.data.shards import DatasetIndex
 from nativetok.data.stream import ShardSpec, ShardStream, read_shard
 from nativetok.data.transforms import ImageDecoder
@@ -422,6 +431,8 @@ def evaluate_fid(
     tokenizer_mismatch_ok: bool = False,
     reference_images: Optional[int] = None,
     ref_stats: Optional[Path] = None,
+    tokenizer_revision: Optional[str] = None,
+    generator_revision: Optional[str] = None,
 ) -> List[Score]:
     """rFID of a tokenizer and/or gFID of a generator (or a folder of samples); results as JSON and a table.
 
@@ -430,8 +441,11 @@ def evaluate_fid(
     given, else with the reference split's statistics (see `reference_stats`). `precision` applies to the
     tokenizer and generator (autocast); Inception always runs in fp32. A generator decodes with the
     tokenizer it was trained with (pinned by sha256; another one only with `tokenizer_mismatch_ok`); a
-    sample folder must be a complete `nativetok sample` folder (its manifest).
+    sample folder must be a complete `nativetok sample` folder (its manifest). Either model may be a Hub repo
+    id at its revision, resolved once.
     """
+    tokenizer_path = local_model_path(tokenizer_path, tokenizer_revision)
+    generator_path = local_model_path(generator_path, generator_revision)
     if not (tokenizer_path or generator_path or samples):
         raise ValueError("nothing to evaluate: give a tokenizer checkpoint, a generator checkpoint or a sample folder")
     if samples and not generator_path:
@@ -478,8 +492,6 @@ def _named_real_data(data: Optional[str], tokenizer_path: Optional[str], generat
                      ref_stats: Optional[Path]) -> Optional[str]:
     """The real images' index, needed for rFID and for gFID without `ref_stats`: the one the user names, never
     the data.index a checkpoint stored (`checkpoints.named_data`)."""
-    from nativetok.checkpoints import named_data
-
     if tokenizer_path or (generator_path and ref_stats is None):
         return named_data(data, tokenizer_path or generator_path)
     return data
@@ -489,8 +501,6 @@ def _image_counts(tokenizer_path: Optional[str], generator_path: Optional[str], 
                   reference_images: Optional[int]) -> Tuple[int, int]:
     """(images per set, reference images): as given, else the evaluated checkpoint's `evaluation` settings. Fewer
     than 2 images per set is refused here, in our words, rather than by torch-fidelity in its options' names."""
-    from nativetok.checkpoints import generator_config, tokenizer_config
-
     settings = (generator_config(generator_path) if generator_path
                 else tokenizer_config(tokenizer_path) if tokenizer_path else None)
     num = num if num is not None else (settings.evaluation.images if settings else 5000)
@@ -504,8 +514,6 @@ def _image_counts(tokenizer_path: Optional[str], generator_path: Optional[str], 
 def _reconstruction_score(tokenizer_path: str, data: Optional[str], split: str, num: int,
                           extractor: InceptionFeatures, device: str, precision: str, seed: int) -> Score:
     """rFID: the tokenizer's reconstructions of `num` class-balanced images of `split` against those images."""
-    from nativetok.checkpoints import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_path, device)
     images, _ = real_images(data, split, num, seed)
     reference = real_features(data, split, num, extractor, seed=seed)
@@ -516,8 +524,6 @@ def _reconstruction_score(tokenizer_path: str, data: Optional[str], split: str, 
 def _generated_images(generator_path: str, data: Optional[str], num: int, device: str, seed: int, precision: str,
                       tokenizer_mismatch_ok: bool) -> Tuple[str, Tensor, str]:
     """(set name, `num` class-balanced samples of the generator, the real images' index as given) for gFID."""
-    from nativetok.checkpoints import generator_config, load_generator, load_generator_tokenizer
-
     config = generator_config(generator_path)
     tokenizer, _ = load_generator_tokenizer(generator_path, device, mismatch_ok=tokenizer_mismatch_ok)
     labels = balanced_labels(config.data.num_classes, num)

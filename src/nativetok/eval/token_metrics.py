@@ -19,6 +19,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from nativetok.checkpoints import generator_config, load_generator, named_data
+from nativetok.data.shards import DatasetIndex
+from nativetok.data.stream import ShardSpec, ShardStream
+from nativetok.data.tokens import TokenDecoder
+from nativetok.lit.figures import position_curves
 from nativetok.models.quantizer import code_counts, statistics_from_counts
 
 
@@ -81,10 +86,6 @@ def dependency_report(generator, tokens: Tensor, labels: Tensor, codebook_size: 
 
 def held_out_tokens(index_path: str, split: str = "val") -> tuple[Tensor, Tensor]:
     """Every token sequence and label of a split of token shards (unflipped), in index order."""
-    from nativetok.data.shards import DatasetIndex
-    from nativetok.data.stream import ShardSpec, ShardStream
-    from nativetok.data.tokens import TokenDecoder
-
     index = DatasetIndex.load(index_path, holds="tokens")
     specs = [ShardSpec(p, s.samples) for p, s in zip(index.shard_paths(split), index.split(split).shards)]
     tokens, labels = [], []
@@ -97,9 +98,6 @@ def held_out_tokens(index_path: str, split: str = "val") -> tuple[Tensor, Tensor
 
 def token_metrics(generator_path: str, out: Path, split: str = "val", data: Optional[str] = None) -> Dict:
     """The report for an AR generator on its held-out token shards: JSON and a PNG plot in `out`."""
-    from nativetok.checkpoints import generator_config, load_generator, named_data
-    from nativetok.lit.figures import position_curves
-
     config = generator_config(generator_path)
     if config.generator.kind != "ar":
         raise ValueError(f"token metrics need an AR generator; {generator_path} is '{config.generator.kind}'")

@@ -53,6 +53,10 @@ class ExpertGrowth(pl.Callback):
         self.stage = int(state_dict["stage"])
         self._restored = True
 
+    def console_note(self) -> str:
+        """What the console line says of HNT (`ConsoleLog`)."""
+        return f"HNT stage {self.stage}: {self.stages[self.stage].experts} experts"
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
         # After the DDP wrapper is built (every parameter still trainable, so every one is registered
         # with it) and before a resumed optimizer state is loaded.

@@ -18,13 +18,13 @@ import logging
 import sys
 import time
 from contextlib import ExitStack
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from nativetok.lit.loop import writing_logs
+from nativetok.lit.guards import writing_logs
 from nativetok.progress import duration, on_terminal, per_second
 
 log = logging.getLogger(__name__)
@@ -85,23 +85,28 @@ def _batch_size(batch: Any) -> int:
     return len(batch)
 
 
+@runtime_checkable
+class ConsoleNote(Protocol):
+    """A callback that adds a note to every console line (HNT's `ExpertGrowth`: its stage)."""
+
+    def console_note(self) -> str: ...
+
+
 class ConsoleLog(pl.Callback):
     """One INFO line per logging step (rank 0): step / max_steps, images/s, the training losses, the learning
-    rate, the HNT stage and the ETA. It reads only what the module logged for that step."""
+    rate, the callbacks' notes (the HNT stage) and the ETA. It reads only what the module logged for that step."""
 
     def __init__(self):
         self._start = self._last = 0.0
         self._start_step = self._last_step = 0
         self._validating_since: Optional[float] = None
         self._validation_seconds = 0.0  # since the last line: not training time
-        self._growth = None
+        self._notes: List[ConsoleNote] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from nativetok.lit.callbacks import ExpertGrowth
-
         self._start = self._last = time.perf_counter()
         self._start_step = self._last_step = trainer.global_step
-        self._growth = next((c for c in trainer.callbacks if isinstance(c, ExpertGrowth)), None)
+        self._notes = [c for c in trainer.callbacks if isinstance(c, ConsoleNote)]
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validating_since = time.perf_counter()
@@ -132,9 +137,7 @@ class ConsoleLog(pl.Callback):
             parts.append(shown)
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
-        if self._growth is not None:
-            stage = self._growth.stage
-            parts.append(f"HNT stage {stage}: {self._growth.stages[stage].experts} experts")
+        parts += [note.console_note() for note in self._notes]
         done = step - self._start_step
         if done > 0:  # the whole run's pace so far, validation and checkpoints included
             parts.append(f"ETA {duration((now - self._start) / done * (total - step))}")

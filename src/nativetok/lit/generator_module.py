@@ -18,12 +18,14 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from nativetok.checkpoints import CheckpointError, load_tokenizer, tokenizer_pin
 from nativetok.config.loading import to_container
 from nativetok.config.schema import ExperimentConfig
+from nativetok.data.shards import DatasetIndex
+from nativetok.data.stream import DataError
 from nativetok.lit.ema import EMA
 from nativetok.lit.figures import position_curves
-from nativetok.lit.guards import StepGuard
-from nativetok.lit.loop import grad_scaler, writing_logs
+from nativetok.lit.guards import StepGuard, grad_scaler, writing_logs
 from nativetok.lit.metrics import PositionLoss
 from nativetok.lit.optim import adamw_with_schedule, decay_split, step_generator
 from nativetok.models.generator import Generator
@@ -45,14 +47,16 @@ class GeneratorModule(pl.LightningModule):
         self.ema = EMA(self.generator, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
         self._stepped = False  # an optimizer step happened in the current batch
         self.val_positions = PositionLoss(c.generator.num_tokens)
-        self._tokenizer: List[NativeTokenizer] = []  # loaded on first use, kept out of the state dict
+        self._tokenizer: List[NativeTokenizer] = []  # loaded by load_tokenizer, kept out of the state dict
         self.tokenizer_pin: Optional[dict] = None  # set when the tokenizer is loaded, saved in every checkpoint
         self.loss_guard = StepGuard(c.trainer.max_nonfinite_steps)
         self._step_loss: Optional[Tensor] = None  # the loss the guard judges before the optimizer step
         self.class_names: List[str] = []  # the data index's; checkpoints keep them for `nativetok sample`'s grid
 
     def setup(self, stage: str) -> None:
-        """The class names of the data index trained on, where the data module has one."""
+        """The pinned tokenizer (before a resumed checkpoint is compared with it) and the class names of the data
+        index trained on, where the data module has one."""
+        self.load_tokenizer()
         index = getattr(getattr(self.trainer, "datamodule", None), "index", None)
         self.class_names = list(getattr(index, "classes", None) or [])
 
@@ -65,23 +69,18 @@ class GeneratorModule(pl.LightningModule):
     def eval_generator(self) -> Generator:
         return self.ema.shadow if self.ema is not None else self.generator
 
-    @property
-    def tokenizer(self) -> NativeTokenizer:
-        """generator.tokenizer, pinned on first use; token shards that another tokenizer made are refused."""
+    def load_tokenizer(self) -> NativeTokenizer:
+        """generator.tokenizer, loaded and pinned once (by `setup`, or earlier by `train_generator` to refuse a
+        tokenizer that does not fit before any training); token shards that another tokenizer made are refused."""
         if not self._tokenizer:
-            from nativetok.checkpoints import load_matching_tokenizer, tokenizer_pin
-
             g = self.cfg.generator
-            tokenizer = load_matching_tokenizer(g.tokenizer, g.codebook_size, g.num_tokens)
+            tokenizer = load_tokenizer(g.tokenizer, fits=g)
             self.tokenizer_pin = tokenizer_pin(g.tokenizer, self.cfg.run.dir)
             self._check_token_shards(self.tokenizer_pin["sha256"])
             self._tokenizer.append(tokenizer)
         return self._tokenizer[0].to(self.device)
 
     def _check_token_shards(self, tokenizer_sha256: str) -> None:
-        from nativetok.data.shards import DatasetIndex
-        from nativetok.data.stream import DataError
-
         index = Path(self.cfg.data.index)
         if not index.is_file():
             return
@@ -173,7 +172,7 @@ class GeneratorModule(pl.LightningModule):
         model.eval()
         ids = model.sample(labels.to(self.device), self.cfg.sampling, seed)
         model.train(was_training)
-        return self.tokenizer.decode(ids)
+        return self.load_tokenizer().decode(ids)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The config as a plain container (what loading a checkpoint reads), the kind, the tokenizer pin and
@@ -190,8 +189,6 @@ class GeneratorModule(pl.LightningModule):
         pinned = checkpoint.get("nativetok", {}).get("tokenizer")
         if pinned is None or self.tokenizer_pin is None or pinned["sha256"] == self.tokenizer_pin["sha256"]:
             return
-        from nativetok.checkpoints import CheckpointError
-
         raise CheckpointError(
             f"this run was trained with tokenizer sha256 {pinned['sha256'][:12]} ({pinned['path']}) but "
             f"generator.tokenizer {self.cfg.generator.tokenizer} now has sha256 {self.tokenizer_pin['sha256'][:12]}: "

@@ -6,7 +6,8 @@ first, and the fused step then skips its own unscaling. Whether a step may updat
 on the device: a fused AdamW reads `found_inf` and leaves weights and state as they were when it is set,
 so a non-finite loss or gradient costs no host sync. A skipped step still counts as a step (as under
 fp16 autocast, where the scaler skips steps the same way). The counts live on the device and are read
-when the run logs anyway (`check`).
+when the run logs anyway (`check`). The two facts about the running Lightning loop a step needs
+(`writing_logs`, `grad_scaler`) are read here too, without host syncs.
 """
 
 from __future__ import annotations
@@ -14,11 +15,23 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Optional
 
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+
+
+def writing_logs(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this step's logs: only then are the step's scalars worth building, since
+    each costs device work and every value read for a logger or progress bar is a host sync."""
+    return trainer._logger_connector.should_update_logs
+
+
+def grad_scaler(trainer: pl.Trainer) -> Optional[torch.amp.GradScaler]:
+    """The loss scaler of fp16 mixed precision (None under bf16 or full precision)."""
+    return getattr(trainer.precision_plugin, "scaler", None)
 
 
 class NonFiniteLossError(RuntimeError):

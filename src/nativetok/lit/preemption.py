@@ -28,7 +28,7 @@ from typing import Dict, Optional, Set
 
 import pytorch_lightning as pl
 
-from nativetok.lit.loop import writing_logs
+from nativetok.lit.guards import writing_logs
 
 log = logging.getLogger(__name__)
 

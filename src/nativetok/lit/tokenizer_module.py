@@ -22,8 +22,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from nativetok.config.loading import to_container
 from nativetok.config.schema import ExperimentConfig, GrowthStage
 from nativetok.lit.ema import EMA
-from nativetok.lit.guards import StepGuard, fused_adamw
-from nativetok.lit.loop import grad_scaler, writing_logs
+from nativetok.lit.guards import StepGuard, fused_adamw, grad_scaler, writing_logs
 from nativetok.lit.metrics import CodeUsage
 from nativetok.lit.optim import adamw_with_schedule, decay_split, step_generator
 from nativetok.losses.tokenizer_loss import TokenizerLoss

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -26,20 +27,31 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from nativetok.config.loading import ConfigError, callback_class, to_yaml
 from nativetok.config.schema import ExperimentConfig
+from nativetok.data import ImageShardsDataModule, TokenShardsDataModule
+from nativetok.lit.callbacks import DataSkips, ExpertGrowth, ReconstructionGrid, SampleGrid, ValidationSummary
 from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, remove_staged_leftovers
 from nativetok.lit.console import progress
+from nativetok.lit.generator_module import GeneratorModule
 from nativetok.lit.preemption import LAST, PREVIOUS, REQUEUE_SIGNAL, LastCheckpoint
 from nativetok.lit.run_folder import RunLock, refuse_changed_config
-
-if TYPE_CHECKING:
-    from nativetok.lit.generator_module import GeneratorModule
-    from nativetok.lit.tokenizer_module import TokenizerModule
+from nativetok.lit.tokenizer_module import TokenizerModule
+from nativetok.losses import TokenizerLoss
+from nativetok.models import build_generator, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Lightning warns about every IterableDataset with a length, and about PyTree internals; ours is exact.
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+@contextmanager
+def lightning_warnings_quieted(resuming: bool):
+    """While a run trains, Lightning's warnings that do not apply to it are not shown: about every
+    IterableDataset with a length (ours is exact), PyTree internals, and, when resuming, the checkpoint folder
+    that holds the checkpoints resumed from. Scoped to the fit, so the process's own filters stay the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        if resuming:
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        yield
 
 
 def checkpoint_to_resume(config: ExperimentConfig) -> Optional[str]:
@@ -192,8 +204,6 @@ def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks
     when the config changed, then clear killed saves' leftovers and write the resolved config. Nothing is
     written before the lock is taken and the config accepted. A fast dev run starts fresh and leaves the
     folder's checkpoints and config.yaml as they were."""
-    from nativetok.lit.callbacks import DataSkips, ValidationSummary
-
     run_dir = Path(config.run.dir)
     lock = RunLock(run_dir)
     ours = [checkpoint_callback(run_dir), DataSkips(config.trainer.log_every_n_steps), ValidationSummary(), lock]
@@ -204,7 +214,6 @@ def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks
         resume = None if config.trainer.fast_dev_run else checkpoint_to_resume(config)
         if resume:
             refuse_changed_config(config, resume)
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         if trainer.is_global_zero and not config.trainer.fast_dev_run:
             remove_staged_leftovers(run_dir / "checkpoints")
             (run_dir / "config.yaml").write_text(to_yaml(config))
@@ -215,22 +224,15 @@ def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks
     return trainer, resume
 
 
-def tokenizer_module(config: ExperimentConfig) -> "TokenizerModule":
+def tokenizer_module(config: ExperimentConfig) -> TokenizerModule:
     """Stage 1's LightningModule around a tokenizer and its loss, built from the config once."""
-    from nativetok.lit.tokenizer_module import TokenizerModule
-    from nativetok.losses import TokenizerLoss
-    from nativetok.models import build_tokenizer
-
     d = config.data
     return TokenizerModule(config, build_tokenizer(config.tokenizer, d.image_size, d.channels),
                            TokenizerLoss(config.loss, d.channels))
 
 
-def generator_module(config: ExperimentConfig) -> "GeneratorModule":
+def generator_module(config: ExperimentConfig) -> GeneratorModule:
     """Stage 2's LightningModule around a generator of `generator.kind`, built from the config once."""
-    from nativetok.lit.generator_module import GeneratorModule
-    from nativetok.models import build_generator
-
     return GeneratorModule(config, build_generator(config.generator, config.data.num_classes))
 
 
@@ -246,11 +248,8 @@ def _warn_late_stages(config: ExperimentConfig) -> None:
 
 def train_tokenizer(
     config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback] = ()
-) -> Tuple[pl.Trainer, "TokenizerModule"]:
+) -> Tuple[pl.Trainer, TokenizerModule]:
     """Stage 1 on the configured image shards, into `run.dir`; returns the trainer and the trained module."""
-    from nativetok.data import ImageShardsDataModule
-    from nativetok.lit.callbacks import ExpertGrowth, ReconstructionGrid
-
     pl.seed_everything(config.seed, workers=True)
     run_dir = Path(config.run.dir)
     module = tokenizer_module(config)
@@ -264,28 +263,27 @@ def train_tokenizer(
     if trainer.is_global_zero:
         sizes = ", ".join(f"{k} {v:,}" for k, v in module.tokenizer.parameter_counts().items())
         log.info("tokenizer '%s': %s parameters", config.tokenizer.kind, sizes)
-    trainer.fit(module, datamodule=ImageShardsDataModule(config.data, seed=config.seed), ckpt_path=resume)
+    with lightning_warnings_quieted(bool(resume)):
+        trainer.fit(module, datamodule=ImageShardsDataModule(config.data, seed=config.seed), ckpt_path=resume)
     return trainer, module
 
 
 def train_generator(
     config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback] = ()
-) -> Tuple[pl.Trainer, "GeneratorModule"]:
+) -> Tuple[pl.Trainer, GeneratorModule]:
     """Stage 2 on the configured token shards, into `run.dir`; returns the trainer and the trained module."""
-    from nativetok.data import TokenShardsDataModule
-    from nativetok.lit.callbacks import SampleGrid
-
     pl.seed_everything(config.seed, workers=True)
     run_dir = Path(config.run.dir)
     g = config.generator
     datamodule = TokenShardsDataModule(config.data, g.codebook_size, g.num_tokens, seed=config.seed)
     datamodule.check_index()
     module = generator_module(config)
-    _ = module.tokenizer  # refuses a tokenizer that does not match, before any training
+    module.load_tokenizer()  # refuses a tokenizer that does not match, before any training
     grid = SampleGrid(config.trainer.images_every_n_steps, run_dir / "samples.png", config.sampling.grid_per_class)
     trainer, resume = _prepare_run(config, module, [grid, *extra_callbacks])
     if trainer.is_global_zero:
         count = sum(p.numel() for p in module.generator.parameters())
         log.info("generator '%s': %s parameters", g.kind, f"{count:,}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    with lightning_warnings_quieted(bool(resume)):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return trainer, module

@@ -27,6 +27,7 @@ from nativetok.config.schema import (
 )
 from nativetok.models.graphs import Compile
 from nativetok.models.layers import Block, RMSNorm, init_weights
+from nativetok.models.pretrained import Pretrained
 from nativetok.models.sampling import StepKey
 
 # Settings that `sample` checks as the config and the CLI do (a NaN scale or a top_p of 2 is refused, not run).
@@ -34,10 +35,12 @@ SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingConfig)}
 GENERATORS: Dict[str, Type["Generator"]] = {}  # kind (one of GENERATOR_KINDS) -> class, filled by subclassing
 
 
-class Generator(nn.Module):
-    """The shared trunk and interface; a subclass names its kind (`class X(Generator, kind="ar")`) to register."""
+class Generator(nn.Module, Pretrained):
+    """The shared trunk and interface; a subclass names its kind (`class X(Generator, kind="ar")`) to register.
+    The Hub's `from_pretrained` / `save_pretrained` / `push_to_hub` come from `models/pretrained.py`."""
 
     kind: ClassVar[str]
+    pretrained_kind = "generator"
     extra_ids: ClassVar[int] = 0  # token ids past the codebook (MaskGIT's [MASK])
     sampling_fields: ClassVar[Tuple[str, ...]] = ()  # the SamplingConfig fields `sample` reads for this kind
 

@@ -25,6 +25,7 @@ from nativetok.models.layers import learned_positions
 from nativetok.models.mit import MetaImageTransformer
 from nativetok.models.mocet import MixtureOfCausalExperts
 from nativetok.models.prefix_cache import FrozenPrefixCache
+from nativetok.models.pretrained import Pretrained
 from nativetok.models.quantizer import Quantized, VectorQuantizer
 from nativetok.pixels import to_signed, to_unit
 
@@ -69,14 +70,16 @@ def prefix_lengths(count: int) -> List[int]:
     return [1 << i for i in range(max(count - 1, 0).bit_length())] + ([count] if count > 0 else [])
 
 
-class NativeTokenizer(nn.Module):
-    """What every kind shares: MIT, quantizer, decoder, the public encode/decode/forward and the HNT parts.
+class NativeTokenizer(nn.Module, Pretrained):
+    """What every kind shares: MIT, quantizer, decoder, the public encode/decode/forward and the HNT parts, and the
+    Hub's `from_pretrained` / `save_pretrained` / `push_to_hub` (`models/pretrained.py`).
 
     A subclass per kind adds the token producer between MIT and quantizer; naming its kind
     (`class X(NativeTokenizer, kind="parallel")`) registers it for `build_tokenizer`, as generators do.
     """
 
     kind: ClassVar[TokenizerKind]
+    pretrained_kind = "tokenizer"
 
     def __init_subclass__(cls, kind: Optional[str] = None, **kwargs: Any):
         super().__init_subclass__(**kwargs)

@@ -13,10 +13,16 @@ import logging
 from pathlib import Path
 from typing import Dict, List
 
+from nativetok.checkpoints import load_tokenizer
 from nativetok.config import load_config
 from nativetok.config.loading import load_ablation
 from nativetok.config.schema import AblationPreset
+from nativetok.eval.fid import real_images
+from nativetok.eval.prefix import prefix_psnr
 from nativetok.eval.statistics import Difference, Summary
+from nativetok.lit.figures import position_curves
+from nativetok.lit.train import train_tokenizer
+from nativetok.models.tokenizer import prefix_lengths
 from nativetok.pipelines.runs import preset_path, timed_training
 
 log = logging.getLogger(__name__)
@@ -24,9 +30,6 @@ log = logging.getLogger(__name__)
 
 def measure_run(run_dir: Path, images, ks: List[int], seconds: float) -> Dict:
     """Prefix PSNR of a finished run's evaluated weights (EMA when kept), cached beside the run."""
-    from nativetok.checkpoints import load_tokenizer
-    from nativetok.eval.prefix import prefix_psnr
-
     record = run_dir / "ablation.json"
     if record.is_file():
         cached = json.loads(record.read_text())
@@ -41,10 +44,6 @@ def measure_run(run_dir: Path, images, ks: List[int], seconds: float) -> Dict:
 
 
 def ablate(preset: str = "hnt", out: Path = Path("runs/ablation")) -> Dict[str, List[Dict]]:
-    from nativetok.eval.fid import real_images
-    from nativetok.lit.train import train_tokenizer
-    from nativetok.models.tokenizer import prefix_lengths
-
     path = preset_path(preset, "ablation")
     settings = load_ablation(path)
     root = Path(out) / path.stem
@@ -72,8 +71,6 @@ def psnr_summaries(runs: List[Dict]) -> Dict[str, Summary]:
 
 
 def write_ablation(root: Path, results: Dict[str, List[Dict]], settings: AblationPreset) -> None:
-    from nativetok.lit.figures import position_curves
-
     ks = list(next(iter(results.values()))[0]["psnr"])
     reference = psnr_summaries(results[settings.reference])
     lines = [

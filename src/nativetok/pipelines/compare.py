@@ -26,12 +26,33 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from nativetok.checkpoints import file_sha256, load_generator, load_tokenizer, tokenizer_config
 from nativetok.config import load_config
 from nativetok.config.loading import load_preset, to_container
 from nativetok.config.schema import ComparePreset, ExperimentConfig
+from nativetok.data.shards import (
+    DatasetIndex,
+    ShardEntry,
+    SplitIndex,
+    encode_image,
+    plan_shards,
+    shard_name,
+    write_shard,
+)
+from nativetok.eval.classifier import fmnist_classifier, scores_of_features
+from nativetok.eval.fid import class_balanced_positions, frechet_distance, images_at, real_images, split_labels
+from nativetok.eval.inception import InceptionFeatures, inception_weights
+from nativetok.eval.prefix import prefix_reconstructions, psnr_per_image
+from nativetok.eval.samples import balanced_labels, generate_images, to_uint8
 from nativetok.eval.statistics import PairedDifference, Summary
+from nativetok.eval.token_metrics import dependency_report, held_out_tokens, sequence_statistics
+from nativetok.io import atomic_open
+from nativetok.lit.callbacks import validation_curve
+from nativetok.lit.figures import position_curves
+from nativetok.lit.train import train_generator, train_tokenizer
 from nativetok.models.tokenizer import build_tokenizer, prefix_lengths
 from nativetok.pipelines.runs import preset_path, timed_training
+from nativetok.pipelines.tokenize import tokenize_shards
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +160,6 @@ def cell(folder: Path, inputs: Dict, compute: Callable[[], Dict], progress: "Pro
 
 
 def record(folder: Path, inputs: Dict, result: Dict) -> Dict:
-    from nativetok.io import atomic_open
-
     with atomic_open(folder / RECORD, "w") as file:
         file.write(json.dumps({"inputs": inputs, "result": result}, indent=1) + "\n")
     return result
@@ -189,8 +208,6 @@ class EvaluationSet:
 
 def compare(preset: str = "default", out: Path = Path("runs/compare"), seeds: Optional[Sequence[int]] = None) -> Dict:
     """Run (or continue) the study of a preset; returns what study.json holds."""
-    from nativetok.eval.classifier import fmnist_classifier
-
     path = preset_path(preset, "compare")
     settings = load_preset(path)
     root = Path(out) / path.stem
@@ -222,18 +239,6 @@ def study_images(folder: Path, image_index: str, settings: ComparePreset) -> Pat
     """Image shards of the study's subsets (written once): `train` (the generators' training images), `val`
     (the selection half of the test split) and `eval` (the evaluation half), each class-balanced with
     `subset_seed`; only these images are ever tokenized."""
-    from nativetok.checkpoints import file_sha256
-    from nativetok.data.shards import (
-        DatasetIndex,
-        ShardEntry,
-        SplitIndex,
-        encode_image,
-        plan_shards,
-        shard_name,
-        write_shard,
-    )
-    from nativetok.eval.fid import class_balanced_positions, images_at, split_labels
-
     inputs = {"images_sha256": file_sha256(image_index), "seed": settings.subset_seed,
               "train": settings.generator_images, "val": settings.selection_images,
               "eval": settings.evaluation_images}
@@ -268,15 +273,11 @@ def study_images(folder: Path, image_index: str, settings: ComparePreset) -> Pat
 
 
 def evaluation_set(subset: str, classifier) -> EvaluationSet:
-    from nativetok.eval.fid import real_images
-
     images, labels = real_images(subset, "eval", sum_split(subset, "eval"))
     return EvaluationSet(images, labels, classifier.features(images))
 
 
 def sum_split(index: str, split: str) -> int:
-    from nativetok.data.shards import DatasetIndex
-
     return DatasetIndex.load(index).split(split).samples
 
 
@@ -295,9 +296,6 @@ def tokenizer_overrides(settings: ComparePreset, presets: Path, name: str) -> Li
 def tokenizer_cell(settings: ComparePreset, presets: Path, root: Path, name: str, seed: int, subset: str,
                    evaluation: EvaluationSet, classifier, progress: Progress) -> Dict:
     """Train one tokenizer, tokenize the study's images with it, and measure it (reused once finished)."""
-    from nativetok.lit.train import train_tokenizer
-    from nativetok.pipelines.tokenize import tokenize_shards
-
     folder = root / "tokenizers" / name / f"seed{seed}"
     config = load_config(presets / settings.tokenizer_experiment,
                          [f"seed={seed}", f"run.dir={folder / 'run'}", *tokenizer_overrides(settings, presets, name)])
@@ -319,15 +317,11 @@ def tokenizer_cell(settings: ComparePreset, presets: Path, root: Path, name: str
 
 
 def subset_digest(subset: str) -> str:
-    from nativetok.checkpoints import file_sha256
-
     return file_sha256(subset)
 
 
 def plateau(run_dir: Path, max_steps: int) -> Dict:
     """The validation PSNR curve and its gain over the last 20% of the steps (the plateau check)."""
-    from nativetok.lit.callbacks import validation_curve
-
     curve = [(r["step"], r["psnr"]) for r in validation_curve(run_dir) if "psnr" in r]
     if not curve:
         return {"psnr_curve": [], "plateau_gain_db": None, "plateaued": None}
@@ -341,12 +335,6 @@ def measure_tokenizer(checkpoint: str, tokens: str, evaluation: EvaluationSet, c
     """PSNR, rFD and FD-FMNIST from the first k tokens on the evaluation half; token statistics on the selection
     half. The reconstructions' features are kept for the arms that use this tokenizer."""
     from safetensors.torch import save_file
-
-    from nativetok.checkpoints import load_tokenizer
-    from nativetok.eval.classifier import scores_of_features
-    from nativetok.eval.prefix import prefix_reconstructions, psnr_per_image
-    from nativetok.eval.samples import to_uint8
-    from nativetok.eval.token_metrics import held_out_tokens, sequence_statistics
 
     tokenizer = load_tokenizer(checkpoint, "cpu")
     ks = prefix_lengths(tokenizer.num_active)
@@ -367,9 +355,6 @@ def measure_tokenizer(checkpoint: str, tokens: str, evaluation: EvaluationSet, c
 def arm_cell(settings: ComparePreset, presets: Path, root: Path, name: str, seed: int, made: Dict, subset: str,
              evaluation: EvaluationSet, classifier, progress: Progress) -> Dict:
     """Train the generator of one arm on its tokenizer's shards and measure its samples (reused once finished)."""
-    from nativetok.checkpoints import tokenizer_config
-    from nativetok.lit.train import train_generator
-
     arm = settings.arms[name]
     folder = root / "arms" / name / f"seed{seed}"
     quantizer = tokenizer_config(made["checkpoint"]).tokenizer
@@ -403,11 +388,6 @@ def measure_arm(folder: Path, config: ExperimentConfig, made: Dict, settings: Co
     from safetensors.torch import load_file
     from torchvision.utils import save_image
 
-    from nativetok.checkpoints import load_generator, load_tokenizer
-    from nativetok.eval.classifier import scores_of_features
-    from nativetok.eval.samples import balanced_labels, generate_images
-    from nativetok.eval.token_metrics import dependency_report, held_out_tokens
-
     checkpoint = best_checkpoint(folder / "generator")
     generator = load_generator(str(checkpoint))
     tokenizer = load_tokenizer(made["checkpoint"])
@@ -434,9 +414,6 @@ def measure_arm(folder: Path, config: ExperimentConfig, made: Dict, settings: Co
 
 
 def inception_fid(samples: torch.Tensor, real: torch.Tensor, count: int) -> float:
-    from nativetok.eval.fid import frechet_distance
-    from nativetok.eval.inception import InceptionFeatures, inception_weights
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extractor = InceptionFeatures(inception_weights(None), device)
     return frechet_distance(extractor(samples[:count])["pool"], extractor(real[:count])["pool"])
@@ -467,8 +444,6 @@ def reading(a: str, b: str, difference: PairedDifference) -> str:
 def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List[Dict]], arms: Dict[str, List[Dict]],
                  classifier: str, minutes: float) -> Dict:
     """study.md, study.json and the plots, from the cells finished so far (complete seeds only)."""
-    from nativetok.lit.figures import position_curves
-
     seeds = [r["seed"] for r in next(iter(arms.values()))]
     differences = {f"{a} - {b}": PairedDifference.of([r[PRIMARY] for r in arms[a]], [r[PRIMARY] for r in arms[b]])
                    for a, b in DECISION_PAIRS if a in arms and b in arms}

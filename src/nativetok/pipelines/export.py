@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import yaml
@@ -45,11 +45,12 @@ from nativetok.checkpoints import (
     module_state,
     pinned_tokenizer,
     read_checkpoint,
-    run_folder,
+    run_folder_of,
     weights_sha256,
 )
 from nativetok.config.loading import from_container, to_container
 from nativetok.config.schema import ExperimentConfig
+from nativetok.data import DatasetIndex
 from nativetok.io import replace_folder
 from nativetok.version import __version__
 
@@ -88,33 +89,82 @@ def export(
     config = from_container(saved["hyper_parameters"]["config"])
     state = module_state(saved, "ema.shadow.")
     ema = bool(state)
-    state = state or module_state(saved, f"{kind}.")
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
+    origin = {"file": source.name, "sha256": file_sha256(source), "global_step": saved.get("global_step"),
+              "trained_with": saved["nativetok"].get("version"), "written_by": "nativetok export"}
+
+    def bundle(target: Path) -> Optional[dict]:
+        if kind == "generator" and include_tokenizer:
+            _bundle_tokenizer(source, saved, tokenizer, target)
+        return saved["nativetok"].get("tokenizer")
+
+    _write_export(out, kind, config, state or module_state(saved, f"{kind}."), ema, origin,
+                  recorded_metrics(source, saved), saved["nativetok"].get("classes"), bundle, license)
+    log.info("exported %s %s (%s) to %s", kind, source, "moving-average weights" if ema else "weights", out)
+    return out
+
+
+def save_pretrained(model, out: str | os.PathLike, config: Optional[ExperimentConfig] = None, tokenizer=None,
+                    force: bool = False, license: Optional[str] = None) -> Path:
+    """`Pretrained.save_pretrained`: a tokenizer or generator in memory, with its current weights, as an export
+    in `out`. Its name (the sha256 pins and manifests use) is that of its weights file, as no checkpoint was
+    read. A generator bundles `tokenizer` (a tokenizer model, or a checkpoint or export path), by default the one
+    it was pinned to when loaded; the bundle must fit the generator's codebook and token count."""
+    out = Path(out)
+    config = config or model.experiment_config
+    if not isinstance(config, ExperimentConfig):
+        raise CheckpointError(f"save_pretrained needs the experiment config this {type(model).__name__} was built "
+                              f"with (config=...); models from from_pretrained or load_* carry theirs")
+    check_target(out, force)
+    kind = model.pretrained_kind
+    loaded = read_checkpoint(model.loaded_from, kind) if kind == "generator" and model.loaded_from else None
+    if kind == "generator" and tokenizer is None:
+        if loaded is None:
+            raise CheckpointError("save_pretrained of a generator needs the tokenizer its tokens belong to: "
+                                  "tokenizer= a tokenizer model, checkpoint or export")
+        tokenizer = pinned_tokenizer(model.loaded_from, loaded)[0]
+    origin = {"file": None, "sha256": None, "global_step": None, "trained_with": None,
+              "written_by": "save_pretrained"}
+
+    def bundle(target: Path) -> Optional[dict]:
+        if kind != "generator":
+            return None
+        _bundle_given_tokenizer(tokenizer, target)
+        load_tokenizer(target, fits=config.generator)
+        return {"sha256": export_sha256(target), "path": TOKENIZER_FOLDER, "run_path": TOKENIZER_FOLDER}
+
+    classes = loaded["nativetok"].get("classes") if loaded else None  # the sample grid's row names
+    _write_export(out, kind, config, model.state_dict(), False, origin, {}, classes, bundle,
+                  license or DEFAULT_LICENSE)
+    return out
+
+
+def _write_export(out: Path, kind: str, config: ExperimentConfig, state: dict, ema: bool, origin: dict,
+                  metrics: dict, classes: Optional[list], bundle: Callable[[Path], Optional[dict]],
+                  license: str) -> None:
+    """The export's files, written into a staging folder, loaded back as the loaders load them, then moved to
+    `out`. `bundle(tokenizer_folder)` writes a generator's tokenizer there when it bundles one and returns the
+    pin to record (None: none)."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
     meta = {
-        "format": EXPORT_FORMAT,
-        "kind": kind,
-        "license": license,
-        "version": __version__,
-        "exported_by": f"nativetok {__version__}",
-        "source": {"file": source.name, "sha256": file_sha256(source), "global_step": saved.get("global_step"),
-                   "trained_with": saved["nativetok"].get("version")},
+        "format": EXPORT_FORMAT, "kind": kind, "license": license, "version": __version__,
+        "exported_by": f"nativetok {__version__}", "written_by": origin.pop("written_by"), "source": origin,
         "weights": {"file": WEIGHTS_FILE, "ema": ema, "ema_decay": config.optim.ema_decay if ema else None,
                     "parameters": sum(t.numel() for t in tensors.values())},
         "extra_state": {k: v for k, v in state.items() if not torch.is_tensor(v)},
-        "data": data_summary(config),
-        "metrics": recorded_metrics(source, saved),
+        "data": data_summary(config), "metrics": metrics,
+        **({"classes": [str(c) for c in classes]} if isinstance(classes, list) else {}),
     }
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         meta["weights"]["sha256"] = _save_weights(tensors, staging / WEIGHTS_FILE, kind)
-        pin = saved["nativetok"].get("tokenizer")
+        meta["source"]["sha256"] = meta["source"]["sha256"] or meta["weights"]["sha256"]
+        pin = bundle(staging / TOKENIZER_FOLDER)
         if pin:  # found again from the export folder in tokenizer/ only, checked by its weights' bytes
             meta["tokenizer"] = {"sha256": pin["sha256"], "path": pin["path"], "run_path": TOKENIZER_FOLDER,
                                  **({"weights_sha256": pin["weights_sha256"]} if "weights_sha256" in pin else {})}
-        if kind == "generator" and include_tokenizer:
-            _bundle_tokenizer(source, saved, tokenizer, staging / TOKENIZER_FOLDER)
+        if (staging / TOKENIZER_FOLDER).exists():
             meta["bundled_tokenizer"] = TOKENIZER_FOLDER
             if pin:
                 meta["tokenizer"]["weights_sha256"] = weights_sha256(staging / TOKENIZER_FOLDER)
@@ -122,12 +172,11 @@ def export(
         (staging / CONFIG_FILE).write_text(json.dumps(body, indent=1) + "\n")
         shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)  # safetensors writes 0600 files
         (staging / CARD_FILE).write_text(model_card(meta, config))
+        checked_export(staging)
         replace_folder(staging, out, aside=out.with_name(f".{out.name}.previous"))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("exported %s %s (%s) to %s", kind, source, "moving-average weights" if ema else "weights", out)
-    return out
 
 
 def push_to_hub(source: str | os.PathLike, repo_id: str, revision: Optional[str] = None,
@@ -229,10 +278,22 @@ def _bundle_tokenizer(generator: Path, saved: dict, tokenizer: Optional[str], ta
         raise CheckpointError(f"the tokenizer bundled from {path} is not the one {generator} was checked against")
 
 
+def _bundle_given_tokenizer(tokenizer, target: Path) -> None:
+    """A tokenizer given to `save_pretrained`: a model (saved as well), an export (copied when it holds only an
+    export's files and loads), or a checkpoint (exported)."""
+    if isinstance(tokenizer, torch.nn.Module):
+        if getattr(tokenizer, "pretrained_kind", None) != "tokenizer":
+            raise CheckpointError(f"tokenizer= is a {type(tokenizer).__name__}, not a NativeTok tokenizer")
+        save_pretrained(tokenizer, target)
+    elif is_export(tokenizer):
+        checked_export(Path(tokenizer))
+        shutil.copytree(tokenizer, target)
+    else:
+        export(tokenizer, target)
+
+
 def data_summary(config: ExperimentConfig) -> dict:
     """What the run trained on: the configured sizes, and what the data index says when it is on this machine."""
-    from nativetok.data import DatasetIndex
-
     d = config.data
     summary = {"index": d.index, "image_size": d.image_size, "channels": d.channels, "num_classes": d.num_classes,
                "batch_size": d.batch_size}
@@ -254,7 +315,7 @@ def recorded_metrics(source: Path, saved: dict) -> dict:
         if key.startswith("ModelCheckpoint") and value.get("best_model_score") is not None:
             metrics["best"] = {"monitor": value["monitor"], "value": float(value["best_model_score"]),
                                "checkpoint": Path(value["best_model_path"]).name}
-    tb = run_folder(source) / "tb"
+    tb = run_folder_of(source) / "tb"
     if not any(tb.glob("events.*")):
         return metrics
     try:
@@ -294,8 +355,7 @@ def model_card(meta: dict, config: ExperimentConfig) -> str:
     lines = [
         "---", yaml.safe_dump(card_metadata(meta, config), sort_keys=False).rstrip("\n"), "---", "",
         f"# {name} ({kind})", "",
-        f"A NativeTok {model}. Exported by `nativetok export` ({meta['exported_by']}) from `{source['file']}` "
-        f"(sha256 `{source['sha256']}`), which names this model in pins and manifests.", "",
+        f"A NativeTok {model}. {_origin_line(meta)}", "",
         "## Model", "",
         "| | |", "|---|---|",
         f"| parameters | {weights['parameters']:,} |",
@@ -359,6 +419,15 @@ def validated_images(config: ExperimentConfig, data: dict) -> Optional[int]:
     return min(split, config.data.val_samples or split)
 
 
+def _origin_line(meta: dict) -> str:
+    source, writer = meta["source"], f"`{meta.get('written_by', 'nativetok export')}` ({meta['exported_by']})"
+    if source["file"]:
+        return (f"Exported by {writer} from `{source['file']}` (sha256 `{source['sha256']}`), which names this "
+                f"model in pins and manifests.")
+    return (f"Written by {writer} from a model in memory; the sha256 of its weights file, `{source['sha256']}`, "
+            f"names it in pins and manifests.")
+
+
 def _or_not_recorded(value) -> str:
     return NOT_RECORDED if value is None else str(value)
 
@@ -396,13 +465,14 @@ def _metric_lines(metrics: dict) -> list:
 def _snippet(kind: str, data: dict) -> list:
     shape = f"[B, {data['channels']}, {data['image_size']}, {data['image_size']}]"
     if kind == "tokenizer":
-        return ["from nativetok import load_tokenizer", "",
-                'tokenizer = load_tokenizer("path/to/this/folder")  # or ("owner/name", revision="<commit>")',
+        return ["from nativetok import NativeTokenizer", "",
+                'tokenizer = NativeTokenizer.from_pretrained("path/to/this/folder")  # or "owner/name", '
+                'revision="<commit>"',
                 f"ids = tokenizer.encode(images)  # float {shape} in [0, 1] -> token ids [B, K]",
                 "images = tokenizer.decode(ids)  # and back; decode(ids, k=4) from the first 4 tokens"]
-    return ["import torch", "from nativetok import load_generator",
+    return ["import torch", "from nativetok import Generator",
             "from nativetok.checkpoints import load_generator_tokenizer", "",
-            'generator = load_generator("path/to/this/folder")  # or ("owner/name", revision="<commit>")',
+            'generator = Generator.from_pretrained("path/to/this/folder")  # or "owner/name", revision="<commit>"',
             'tokenizer, _ = load_generator_tokenizer("path/to/this/folder")  # tokenizer/, sha256 checked',
             "ids = generator.sample(labels=torch.tensor([0, 1, 2]), seed=0)  # options: config.json's sampling",
             f"images = tokenizer.decode(ids)  # float {shape} in [0, 1]",

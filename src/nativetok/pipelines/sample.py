@@ -32,7 +32,8 @@ from torchvision.utils import save_image
 from nativetok.checkpoints import (
     file_sha256,
     generator_from_checkpoint,
-    load_matching_tokenizer,
+    load_tokenizer,
+    local_model_path,
     pinned_tokenizer,
     read_checkpoint,
 )
@@ -61,6 +62,8 @@ def sample_to_folder(
     npz: bool = True,
     precision: str = "32-true",
     tokenizer_mismatch_ok: bool = False,
+    revision: Optional[str] = None,
+    tokenizer_revision: Optional[str] = None,
     **sampling_overrides,
 ) -> Path:
     """Sample `per_class` images of each class (all classes by default) into `out`; returns `out`, complete,
@@ -71,16 +74,15 @@ def sample_to_folder(
     `samples.npz` is ADM's format (as TiTok and LlamaGen write it): `arr_0`, uint8 [N, H, W, 3] in image
     order, grey images replicated to 3 channels as ADM's evaluator expects RGB, and `labels` [N]. The
     tokenizer is the one the generator was trained with (pinned by sha256); another file, even at the same
-    path, is refused unless `tokenizer_mismatch_ok`. A previous sample folder at `out` is replaced.
-    """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(p.name not in SAMPLE_FILES for p in out.iterdir())):
-        raise ValueError(f"{out} exists and is not a sample folder: refusing to replace it")
+    path, is refused unless `tokenizer_mismatch_ok`. A previous sample folder at `out` is replaced. Either model
+    may be a Hub repo id at its revision (`revision`, `tokenizer_revision`), resolved once."""
+    generator_path = local_model_path(generator_path, revision)
+    tokenizer_path = local_model_path(tokenizer_path, tokenizer_revision)
+    out = _replaceable(Path(out))
     checkpoint, config, sampling, classes = _read_generator(generator_path, classes, sampling_overrides)
     rank, world = process_rank()
-    device = rank_device(device)
     generator, tokenizer, tokenizer_file, tokenizer_sha256 = _load_models(
-        generator_path, checkpoint, config, tokenizer_path, tokenizer_mismatch_ok, device)
+        generator_path, checkpoint, config, tokenizer_path, tokenizer_mismatch_ok, rank_device(device))
     labels = torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.long)
     names = [f"{i:06d}_class{label:04d}.png" for i, label in enumerate(labels.tolist())]
     partial = out.with_name(out.name + ".partial")
@@ -94,19 +96,25 @@ def sample_to_folder(
                    rank, world)
         barrier(world)
         if rank == 0:
-            manifest = {
+            manifest = Manifest("sample", {
                 "generator": str(Path(generator_path).resolve()), "generator_sha256": file_sha256(generator_path),
                 "generator_step": int(checkpoint.get("global_step", 0)), "tokenizer": str(tokenizer_file),
                 "tokenizer_sha256": tokenizer_sha256, "classes": classes, "per_class": per_class, "seed": seed,
                 "batch_size": batch_size, "precision": precision, "sampling": dataclasses.asdict(sampling),
-                "png": png, "npz": npz, "count": len(labels),
-            }
-            _publish(partial, out, names, labels, Manifest("sample", manifest), _class_names(checkpoint))
+                "png": png, "npz": npz, "count": len(labels)})
+            _publish(partial, out, names, labels, manifest, _class_names(checkpoint))
             log.info("%d samples from %d ranks -> %s", len(labels), world, out)
         barrier(world)
     finally:
         if joined:
             dist.destroy_process_group()
+    return out
+
+
+def _replaceable(out: Path) -> Path:
+    """`out`, refused when it exists and is not a sample folder (replacing it would delete what it holds)."""
+    if out.exists() and (not out.is_dir() or any(p.name not in SAMPLE_FILES for p in out.iterdir())):
+        raise ValueError(f"{out} exists and is not a sample folder: refusing to replace it")
     return out
 
 
@@ -137,8 +145,7 @@ def _load_models(generator_path: str, checkpoint: dict, config: ExperimentConfig
     """(generator, tokenizer, tokenizer file, its sha256): the tokenizer the generator was trained with, by sha256."""
     generator = generator_from_checkpoint(checkpoint, device)
     tokenizer_file, tokenizer_sha256 = pinned_tokenizer(generator_path, checkpoint, tokenizer_path, mismatch_ok)
-    tokenizer = load_matching_tokenizer(tokenizer_file, config.generator.codebook_size, config.generator.num_tokens,
-                                        device)
+    tokenizer = load_tokenizer(tokenizer_file, device, fits=config.generator)
     return generator, tokenizer, tokenizer_file, tokenizer_sha256
 
 

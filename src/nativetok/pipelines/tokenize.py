@@ -20,7 +20,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from nativetok.checkpoints import file_sha256, read_checkpoint, tokenizer_from_checkpoint
+from nativetok.checkpoints import file_sha256, local_model_path, read_checkpoint, tokenizer_from_checkpoint
 from nativetok.data.shards import (
     DatasetIndex,
     Manifest,
@@ -166,12 +166,15 @@ def tokenize_shards(
     wait_seconds: float = 6 * 3600,
     precision: str = "32-true",
     force: bool = False,
+    revision: Optional[str] = None,
 ) -> Optional[DatasetIndex]:
     """Encode the image shards of `image_index` into token shards under `out`; rank 0 writes the index.
 
     `precision` bf16-mixed or 16-mixed encodes under autocast (faster on a GPU; a code whose distance ties
     within the lower precision may come out differently than in fp32). `out` holding shards of other
-    inputs is refused, or with `force` emptied of them first."""
+    inputs is refused, or with `force` emptied of them first. `tokenizer_path` may be a Hub repo id (at
+    `revision`): its snapshot is resolved once, so loading and hashing read one commit."""
+    tokenizer_path = local_model_path(tokenizer_path, revision)
     rank, world = process_rank()
     device = rank_device(None) if device is None else device
     checkpoint = read_checkpoint(tokenizer_path, "tokenizer")
