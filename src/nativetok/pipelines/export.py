@@ -128,8 +128,7 @@ def save_pretrained(model, out: str | os.PathLike, config: Optional[ExperimentCo
     def bundle(target: Path) -> Optional[dict]:
         if kind != "generator":
             return None
-        _bundle_given_tokenizer(tokenizer, target)
-        load_tokenizer(target, fits=config.generator)
+        _bundle_given_tokenizer(tokenizer, target)  # its fit to the generator is checked with the whole export
         return {"sha256": export_sha256(target), "path": TOKENIZER_FOLDER, "run_path": TOKENIZER_FOLDER}
 
     classes = loaded["nativetok"].get("classes") if loaded else None  # the sample grid's row names
