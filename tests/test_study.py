@@ -117,7 +117,7 @@ def test_the_presets_load_and_bad_ones_are_refused(tmp_path):
     assert len(default.seeds) >= 3 and {"nativetok", "parallel", "reversed", "permuted"} <= set(default.arms)
     assert default.arms["reversed"].tokenizer == "nativetok" and default.arms["permuted"].order == "permuted"
     assert "growth.stages=[]" in default.tokenizer and "tokenizer.decoder.random_prefix=0" in default.tokenizer
-    for name in ("quick", "extended", "full"):
+    for name in ("long", "quick", "extended", "full"):
         load_preset(REPO / "experiments" / "compare" / f"{name}.yaml")
     bad = tmp_path / "bad.yaml"
     cases = {
@@ -134,8 +134,8 @@ def test_the_presets_load_and_bad_ones_are_refused(tmp_path):
 
 
 def test_a_tiny_study_runs_every_arm_pairs_seeds_and_resumes(tmp_path, fmnist_index):
-    """Every arm with two seeds on real data at tiny sizes: the order arms reuse NativeTok's shards, every
-    measurement and artefact is written, and a second run reuses every cell."""
+    """Every arm with two seeds on real data at tiny sizes, computed in two lanes: the order arms reuse NativeTok's
+    shards, every measurement and artefact is written, and a second run (in this process) reuses every cell."""
     from nativetok.pipelines.compare import compare
 
     (tmp_path / "tok.yaml").write_text(f"extends: {REPO / 'experiments' / 'fmnist_tiny.yaml'}\n")
@@ -154,8 +154,9 @@ def test_a_tiny_study_runs_every_arm_pairs_seeds_and_resumes(tmp_path, fmnist_in
         "generator_images": 60, "selection_images": 20, "evaluation_images": 30, "samples": 20,
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(preset))
-    report = compare(str(tmp_path / "tiny.yaml"), tmp_path / "out")
+    report = compare(str(tmp_path / "tiny.yaml"), tmp_path / "out", jobs=2)
     folder = tmp_path / "out" / "tiny"
+    assert (report["lanes"], report["cells_computed"], report["cells"]) == (2, 12, 12)
     assert report["seeds"] == [0, 1] and report["verdict"].startswith(("supported", "refuted", "undecided"))
     assert set(report["differences"]) == {"nativetok - parallel", "nativetok - reversed", "nativetok - permuted"}
     index = json.loads((folder / "data" / "index.json").read_text())
@@ -183,6 +184,7 @@ def test_a_tiny_study_runs_every_arm_pairs_seeds_and_resumes(tmp_path, fmnist_in
     # Run again: every cell is reused (no training, same numbers).
     again = compare(str(tmp_path / "tiny.yaml"), tmp_path / "out")
     assert again["differences"] == json.loads(json.dumps(report["differences"]))
+    assert (again["lanes"], again["cells_computed"]) == (1, 0) and "0 of 12 cells" in (folder / "study.md").read_text()
     # A changed preset is refused for a finished cell, not silently reused.
     preset["samples"] = 30
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(preset))

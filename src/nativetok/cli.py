@@ -187,9 +187,9 @@ def _token_metrics(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from nativetok.pipelines.compare import compare
+    from nativetok.pipelines.compare import compare, default_lanes
 
-    compare(args.preset, Path(args.out), seeds=args.seeds)
+    compare(args.preset, Path(args.out), seeds=args.seeds, jobs=args.jobs or default_lanes())
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -434,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--preset", default="default", help="experiments/compare/<name>.yaml, or a path")
     compare.add_argument("--out", default="runs/compare")
     compare.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    compare.add_argument("--jobs", type=int, default=None,
+                         help="cells computed at once, each in a process with its share of the CPU threads "
+                              "(default: one per CPU core up to 4; 1 on a GPU)")
     compare.set_defaults(func=_compare)
 
     ablate = commands.add_parser("ablate", help="tokenizer variants x seeds: prefix PSNR, mean ± sd, 2-SE verdicts")

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -147,18 +151,6 @@ def schema_defaults() -> Dict:
     return to_container(OmegaConf.structured(ExperimentConfig))
 
 
-def cell(folder: Path, inputs: Dict, compute: Callable[[], Dict], progress: "Progress", kind: str, name: str) -> Dict:
-    """The recorded result of a finished cell, or `compute()` run and recorded; a progress line either way."""
-    started = time.monotonic()
-    result = reuse(folder, inputs)
-    reused = result is not None
-    if result is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        result = record(folder, inputs, compute())
-    progress.finished(kind, name, time.monotonic() - started, reused)
-    return result
-
-
 def record(folder: Path, inputs: Dict, result: Dict) -> Dict:
     with atomic_open(folder / RECORD, "w") as file:
         file.write(json.dumps({"inputs": inputs, "result": result}, indent=1) + "\n")
@@ -167,9 +159,11 @@ def record(folder: Path, inputs: Dict, result: Dict) -> Dict:
 
 @dataclass
 class Progress:
-    """A line per cell: which, whether reused, elapsed time and an ETA from the cells computed so far."""
+    """A line per cell: which, whether reused, elapsed time and an ETA from the cells computed so far (the work
+    left, shared among the lanes)."""
 
     total: Dict[str, int]
+    lanes: int = 1
     started: float = field(default_factory=time.monotonic)
     done: Dict[str, int] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
@@ -184,7 +178,7 @@ class Progress:
         left = sum((self.total[k] - self.done.get(k, 0)) * (self.seconds[k] / self.computed[k] if self.computed.get(k)
                                                             else overall) for k in self.total)
         count, total = sum(self.done.values()), sum(self.total.values())
-        eta = clock(left) if self.computed or count == total else "unknown until a cell has run"
+        eta = clock(left / self.lanes) if self.computed or count == total else "unknown until a cell has run"
         log.info("compare [%d/%d] %s %s %s in %s | elapsed %s | ETA %s", count, total, kind, name,
                  "reused" if reused else "done", clock(seconds), clock(time.monotonic() - self.started), eta)
 
@@ -206,8 +200,9 @@ class EvaluationSet:
 # -- the study -------------------------------------------------------------------------------------------------
 
 
-def compare(preset: str = "default", out: Path = Path("runs/compare"), seeds: Optional[Sequence[int]] = None) -> Dict:
-    """Run (or continue) the study of a preset; returns what study.json holds."""
+def compare(preset: str = "default", out: Path = Path("runs/compare"), seeds: Optional[Sequence[int]] = None,
+            jobs: int = 1) -> Dict:
+    """Run (or continue) the study of a preset in `jobs` lanes; returns what study.json holds."""
     path = preset_path(preset, "compare")
     settings = load_preset(path)
     root = Path(out) / path.stem
@@ -215,24 +210,170 @@ def compare(preset: str = "default", out: Path = Path("runs/compare"), seeds: Op
     seeds = list(seeds) if seeds is not None else list(settings.seeds)
     used = sorted({arm.tokenizer for arm in settings.arms.values()}, key=list(settings.tokenizers).index)
     image_index = load_config(path.parent / settings.tokenizer_experiment, list(settings.tokenizer)).data.index
-    progress = Progress({"tokenizer": len(seeds) * len(used), "arm": len(seeds) * len(settings.arms)})
     subset = study_images(root / "data", image_index, settings)
-    classifier = fmnist_classifier(image_index)
-    evaluation = evaluation_set(str(subset), classifier)
-    tokenizers: Dict[str, List[Dict]] = {name: [] for name in used}
-    arms: Dict[str, List[Dict]] = {name: [] for name in settings.arms}
+    classifier = fmnist_classifier(image_index)  # trained here (once per machine) before any lane starts
+    study = Study(path.resolve(), root, str(subset), image_index, str(classifier.path))
+    cells = ([Cell("tokenizer", name, seed) for seed in seeds for name in used]
+             + [Cell("arm", name, seed) for seed in seeds for name in settings.arms])
+    progress = Progress({"tokenizer": len(seeds) * len(used), "arm": len(seeds) * len(settings.arms)}, lanes=jobs)
+    results: Dict[Cell, Dict] = {}
     report: Dict = {}
-    for seed in seeds:
-        for name in used:
-            tokenizers[name].append(tokenizer_cell(settings, path.parent, root, name, seed, str(subset), evaluation,
-                                                   classifier, progress))
-        for name, arm in settings.arms.items():
-            made = tokenizers[arm.tokenizer][-1]
-            arms[name].append(arm_cell(settings, path.parent, root, name, seed, made, str(subset), evaluation,
-                                       classifier, progress))
-        training = sum(run["minutes"] for runs in (*tokenizers.values(), *arms.values()) for run in runs)
-        report = write_report(root, settings, tokenizers, arms, classifier.label, minutes=training)
+    reported: List[int] = []
+    for finished, result in run_cells(study, cells, jobs, progress):
+        results[finished] = result
+        complete = [seed for seed in seeds if all(c in results for c in cells if c.seed == seed)]
+        if complete != reported:  # the report of every complete seed, rewritten as each seed completes
+            reported = complete
+            tokenizers = {name: [results[Cell("tokenizer", name, s)] for s in complete] for name in used}
+            arms = {name: [results[Cell("arm", name, s)] for s in complete] for name in settings.arms}
+            timing = {"training_minutes": sum(results[c]["minutes"] for c in cells if c.seed in complete),
+                      "wall_minutes": (time.monotonic() - progress.started) / 60, "lanes": jobs,
+                      "cells_computed": sum(progress.computed.values()), "cells": len(cells)}
+            report = write_report(root, settings, tokenizers, arms, classifier.label, timing)
     return report
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One tokenizer or one arm at one seed: a folder with its inputs and result (`cell.json`)."""
+
+    kind: str  # "tokenizer" or "arm"
+    name: str
+    seed: int
+
+    def folder(self, root: Path) -> Path:
+        return root / f"{self.kind}s" / self.name / f"seed{self.seed}"
+
+    def __str__(self) -> str:
+        return f"{self.name} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class Study:
+    """What every cell of a run shares, small enough to hand to a lane: the preset, the output folder, the
+    study's images and the classifier's weights (each lane loads them once)."""
+
+    preset: Path
+    root: Path
+    subset: str
+    image_index: str
+    classifier_weights: str
+
+
+def default_lanes() -> int:
+    """Cells computed at once: on CPU cores, one lane per core up to 4 (measured on 2 cores: two one-thread lanes
+    train the study's models 1.25-1.6x faster than one two-thread process); one lane on a GPU."""
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def run_cells(study: Study, cells: List[Cell], jobs: int, progress: Progress) -> Iterator[Tuple[Cell, Dict]]:
+    """Each cell's result as it finishes. A finished cell is reused at once (a changed one is refused); the
+    others are computed in `jobs` lanes, an arm once its tokenizer has finished, tokenizers first (they unlock
+    the arms). A failing cell stops the run once the cells already computing have finished and been kept."""
+    settings = load_preset(study.preset)
+    made: Dict[Tuple[str, int], Dict] = {}
+    inputs: Dict[Cell, Dict] = {}
+    waiting = list(cells)
+    running: Dict[Future, Cell] = {}
+
+    def dependency(cell: Cell) -> Optional[Dict]:
+        return made.get((settings.arms[cell.name].tokenizer, cell.seed)) if cell.kind == "arm" else None
+
+    def finish(cell: Cell, result: Dict, seconds: float, reused: bool):
+        if cell.kind == "tokenizer":
+            made[(cell.name, cell.seed)] = result
+        progress.finished(cell.kind, str(cell), seconds, reused)
+        return cell, result
+
+    with lanes(jobs) as pool:
+        while waiting or running:
+            changed = True
+            while changed:  # reuse what is finished and fill the free lanes before waiting on one
+                changed = False
+                for cell in [c for c in waiting if c.kind == "tokenizer" or dependency(c) is not None]:
+                    if cell not in inputs:
+                        inputs[cell] = prepared(study, cell, dependency(cell))[0]
+                    result = reuse(cell.folder(study.root), inputs[cell])
+                    if result is not None:
+                        waiting.remove(cell)
+                        changed = True
+                        yield finish(cell, result, 0.0, reused=True)
+                    elif len(running) < jobs:
+                        waiting.remove(cell)
+                        running[pool.submit(computed_cell, study, cell, dependency(cell))] = cell
+            if not running:
+                if waiting:
+                    raise RuntimeError(f"compare: no cell can start: {', '.join(map(str, waiting))}")
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = running.pop(future)
+                result, seconds = future.result()
+                yield finish(cell, result, seconds, reused=False)
+
+
+@contextmanager
+def lanes(jobs: int) -> Iterator:
+    """An executor of `jobs` processes with an equal share of the CPU threads each; with one lane, this process."""
+    if jobs < 1:
+        raise ValueError(f"compare needs at least one lane, got jobs={jobs}")
+    if jobs == 1:
+        yield InlineLane()
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=lane_started,
+                             initargs=(threads, logging.getLogger().getEffectiveLevel())) as pool:
+        yield pool
+
+
+class InlineLane:
+    """The one-lane executor: runs the cell here, now (its error is raised where the result is read)."""
+
+    def submit(self, function: Callable, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(function(*args))
+        except Exception as error:
+            future.set_exception(error)
+        return future
+
+
+def lane_started(threads: int, level: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [lane %(process)d] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def prepared(study: Study, cell: Cell, made: Optional[Dict]) -> Tuple[Dict, Callable[[], Dict]]:
+    """A cell's inputs (what its record must match to be reused) and the function that computes it."""
+    settings = load_preset(study.preset)
+    if cell.kind == "tokenizer":
+        return tokenizer_cell(settings, study, cell)
+    return arm_cell(settings, study, cell, made)
+
+
+def computed_cell(study: Study, cell: Cell, made: Optional[Dict]) -> Tuple[Dict, float]:
+    """Compute one cell and record it (in a lane); returns its result and how long it took."""
+    started = time.monotonic()
+    inputs, compute = prepared(study, cell, made)
+    folder = cell.folder(study.root)
+    folder.mkdir(parents=True, exist_ok=True)
+    return record(folder, inputs, compute()), time.monotonic() - started
+
+
+_LOADED: Dict[Tuple, object] = {}
+
+
+def loaded(study: Study, what: str):
+    """The study's classifier or evaluation set, loaded once a process (keyed by the subset's and the weights'
+    content, so a rewritten subset is loaded again)."""
+    key = (what, study.subset, file_sha256(study.subset), study.classifier_weights)
+    if key not in _LOADED:
+        _LOADED[key] = (fmnist_classifier(study.image_index, path=study.classifier_weights) if what == "classifier"
+                        else evaluation_set(study.subset, loaded(study, "classifier")))
+    return _LOADED[key]
 
 
 def study_images(folder: Path, image_index: str, settings: ComparePreset) -> Path:
@@ -293,27 +434,32 @@ def tokenizer_overrides(settings: ComparePreset, presets: Path, name: str) -> Li
     return overrides
 
 
-def tokenizer_cell(settings: ComparePreset, presets: Path, root: Path, name: str, seed: int, subset: str,
-                   evaluation: EvaluationSet, classifier, progress: Progress) -> Dict:
-    """Train one tokenizer, tokenize the study's images with it, and measure it (reused once finished)."""
-    folder = root / "tokenizers" / name / f"seed{seed}"
-    config = load_config(presets / settings.tokenizer_experiment,
-                         [f"seed={seed}", f"run.dir={folder / 'run'}", *tokenizer_overrides(settings, presets, name)])
-    inputs = {"config": to_container(config), "subset": subset_digest(subset), "classifier": classifier.label}
+def tokenizer_cell(settings: ComparePreset, study: Study, cell: Cell) -> Tuple[Dict, Callable[[], Dict]]:
+    """Train one tokenizer, tokenize the study's images with it, and measure it."""
+    folder, presets = cell.folder(study.root), study.preset.parent
+    config = load_config(presets / settings.tokenizer_experiment, [
+        f"seed={cell.seed}", f"run.dir={folder / 'run'}", *tokenizer_overrides(settings, presets, cell.name)])
+    inputs = {"config": to_container(config), "subset": subset_digest(study.subset),
+              "classifier": classifier_label(study)}
 
     def compute() -> Dict:
+        classifier, evaluation = loaded(study, "classifier"), loaded(study, "evaluation")
         seconds = timed_training(folder / "run", train_tokenizer, config)
         checkpoint = folder / "run" / "checkpoints" / "last.ckpt"
-        tokenize_shards(str(checkpoint), subset, folder / "tokens", splits=("train", "val"))
+        tokenize_shards(str(checkpoint), study.subset, folder / "tokens", splits=("train", "val"))
         return {
-            "seed": seed, "checkpoint": str(checkpoint), "tokens": str(folder / "tokens" / "index.json"),
+            "seed": cell.seed, "checkpoint": str(checkpoint), "tokens": str(folder / "tokens" / "index.json"),
             "parameters": parameter_count(config), "minutes": seconds / 60, "max_steps": config.trainer.max_steps,
             **plateau(folder / "run", config.trainer.max_steps),
             **measure_tokenizer(str(checkpoint), str(folder / "tokens" / "index.json"), evaluation, classifier,
                                 folder),
         }
 
-    return cell(folder, inputs, compute, progress, "tokenizer", f"{name} seed {seed}")
+    return inputs, compute
+
+
+def classifier_label(study: Study) -> str:
+    return loaded(study, "classifier").label
 
 
 def subset_digest(subset: str) -> str:
@@ -352,27 +498,27 @@ def measure_tokenizer(checkpoint: str, tokens: str, evaluation: EvaluationSet, c
             "fd_at_k": fd_at_k, **sequence_statistics(selection, tokenizer.quantizer.codebook_size)}
 
 
-def arm_cell(settings: ComparePreset, presets: Path, root: Path, name: str, seed: int, made: Dict, subset: str,
-             evaluation: EvaluationSet, classifier, progress: Progress) -> Dict:
-    """Train the generator of one arm on its tokenizer's shards and measure its samples (reused once finished)."""
-    arm = settings.arms[name]
-    folder = root / "arms" / name / f"seed{seed}"
+def arm_cell(settings: ComparePreset, study: Study, cell: Cell, made: Dict) -> Tuple[Dict, Callable[[], Dict]]:
+    """Train the generator of one arm on its tokenizer's shards and measure its samples."""
+    arm = settings.arms[cell.name]
+    folder = cell.folder(study.root)
     quantizer = tokenizer_config(made["checkpoint"]).tokenizer
-    config = load_config(presets / settings.generator_experiment, [
-        f"seed={seed}", "trainer.progress_bar=false", f"run.dir={folder / 'generator'}",
+    config = load_config(study.preset.parent / settings.generator_experiment, [
+        f"seed={cell.seed}", "trainer.progress_bar=false", f"run.dir={folder / 'generator'}",
         f"data.index={made['tokens']}", f"generator.tokenizer={made['checkpoint']}",
         f"generator.codebook_size={quantizer.quantizer.codebook_size}", f"generator.num_tokens={quantizer.num_tokens}",
         f"generator.token_order={arm.order}", f"generator.order_seed={settings.order_seed}", *settings.generator,
     ])
     inputs = {"config": to_container(config), "tokenizer": made, "samples": settings.samples,
-              "inception_images": settings.inception_images, "classifier": classifier.label}
+              "inception_images": settings.inception_images, "classifier": classifier_label(study)}
 
     def compute() -> Dict:
+        classifier, evaluation = loaded(study, "classifier"), loaded(study, "evaluation")
         seconds = timed_training(folder / "generator", train_generator, config)
-        return {"seed": seed, "minutes": seconds / 60,
-                **measure_arm(folder, config, made, settings, evaluation, classifier, seed)}
+        return {"seed": cell.seed, "minutes": seconds / 60,
+                **measure_arm(folder, config, made, settings, evaluation, classifier, cell.seed)}
 
-    return cell(folder, inputs, compute, progress, "arm", f"{name} seed {seed}")
+    return inputs, compute
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -442,7 +588,7 @@ def reading(a: str, b: str, difference: PairedDifference) -> str:
 
 
 def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List[Dict]], arms: Dict[str, List[Dict]],
-                 classifier: str, minutes: float) -> Dict:
+                 classifier: str, timing: Dict) -> Dict:
     """study.md, study.json and the plots, from the cells finished so far (complete seeds only)."""
     seeds = [r["seed"] for r in next(iter(arms.values()))]
     differences = {f"{a} - {b}": PairedDifference.of([r[PRIMARY] for r in arms[a]], [r[PRIMARY] for r in arms[b]])
@@ -467,11 +613,13 @@ def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {plateaued} of {len(runs)} |")
     lines += ["", f"Paired differences of {ARM_METRICS[PRIMARY][0]} (negative: the first arm is better):", ""]
     lines += [f"- {reading(*key.split(' - '), d)}" for key, d in differences.items()]
-    lines += ["", f"**Verdict (docs/study.md): {decision}.** Training time of the finished cells, summed: "
-                  f"{minutes:.0f} min."]
+    lines += ["", f"**Verdict (docs/study.md): {decision}.**", "",
+              f"Time: training of the finished cells, summed: {timing['training_minutes']:.0f} min; this run's wall "
+              f"time: {timing['wall_minutes']:.0f} min in {timing['lanes']} lane(s), computing "
+              f"{timing['cells_computed']} of {timing['cells']} cells (the others were reused)."]
     text = "\n".join(lines) + "\n"
     (root / "study.md").write_text(text)
-    report = {"seeds": seeds, "verdict": decision, "minutes": minutes, "classifier": classifier,
+    report = {"seeds": seeds, "verdict": decision, **timing, "classifier": classifier,
               "differences": {k: {"values": list(d.differences), "mean": d.summary.mean,
                                   "interval": list(d.interval())}
                               for k, d in differences.items()},
