@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from nativetok.config.loading import ConfigError, load_ablation
+from nativetok.config.checks import ConfigError
+from nativetok.config.loading import load_ablation
 from nativetok.pipelines.ablation import ablate
 
 from .conftest import REPO, TINY

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from nativetok import load_generator, load_tokenizer
@@ -178,11 +179,12 @@ def pipeline(tmp_path_factory, fmnist_index):
 
 
 def generator_config(pipeline, kind: str, *extra: str):
+    """The generator sizes are left out: they are read from the tokenizer (32 codes, 8 tokens)."""
     return load_config(
         REPO / "experiments" / f"fmnist_tiny_{kind}.yaml",
         [f"data.index={pipeline['tokens'] / 'index.json'}", f"generator.tokenizer={pipeline['tokenizer']}",
-         f"run.dir={pipeline['root'] / kind}", "generator.codebook_size=32", "generator.num_tokens=8",
-         "generator.width=32", "generator.depth=1", "generator.heads=2", "data.batch_size=32",
+         f"run.dir={pipeline['root'] / kind}", "generator.width=32", "generator.depth=1", "generator.heads=2",
+         "data.batch_size=32",
          "data.num_workers=0", "data.val_samples=256", "trainer.max_steps=4", "trainer.val_every_n_steps=4",
          "trainer.progress_bar=false", "trainer.images_every_n_steps=0", "sampling.grid_per_class=2", *extra],
     )
@@ -231,15 +233,32 @@ def test_mismatched_token_shards_and_tokenizers_are_refused(pipeline):
         load_tokenizer(pipeline["tokenizer"], fits=GeneratorConfig(codebook_size=256, num_tokens=8))
 
 
+def test_generator_sizes_left_out_need_a_tokenizer_to_read_them_from(tmp_path):
+    from nativetok.checkpoints import with_tokenizer_sizes
+    from nativetok.config import ConfigError
+
+    missing = load_config(REPO / "experiments" / "fmnist_tiny_ar.yaml",
+                          [f"generator.tokenizer={tmp_path / 'none.ckpt'}", f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="generator.codebook_size and generator.num_tokens are left out"):
+        train_generator(missing)
+    sizes = dataclasses.replace(missing.generator, codebook_size=64, num_tokens=4)
+    given = dataclasses.replace(missing, generator=sizes)
+    assert with_tokenizer_sizes(given) is given  # given sizes: the tokenizer is not read
+
+
 @pytest.mark.parametrize("kind", ["ar", "maskgit"])
 def test_generators_train_through_lightning_and_sample_reproducibly(pipeline, kind):
     config = generator_config(pipeline, kind)
+    assert (config.generator.codebook_size, config.generator.num_tokens) == (None, None)
     train_generator(config)
     run_dir = Path(config.run.dir)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     assert (run_dir / "samples.png").is_file()
     model = load_generator(checkpoint)
     assert isinstance(model, ARGenerator if kind == "ar" else MaskGITGenerator)
+    assert (model.codebook_size, model.num_tokens) == (32, 8)  # the tokenizer's, read once and stored
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())["generator"]
+    assert (stored["codebook_size"], stored["num_tokens"]) == (32, 8)
     first = sample_to_folder(str(checkpoint), pipeline["root"] / f"samples-{kind}-1", classes=[0, 3], per_class=3,
                              batch_size=4, device="cpu", cfg_scale=1.5)
     second = sample_to_folder(str(checkpoint), pipeline["root"] / f"samples-{kind}-2", classes=[0, 3], per_class=3,

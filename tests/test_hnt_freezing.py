@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from nativetok.config import load_config
-from nativetok.config.loading import ConfigError
+from nativetok.config.checks import ConfigError
 from nativetok.config.schema import DataConfig
 from nativetok.data import ImageShardsDataModule
 from nativetok.lit.train import train_tokenizer

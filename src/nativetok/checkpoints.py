@@ -27,13 +27,14 @@ import json
 import logging
 import os
 import re
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from nativetok.config.loading import ConfigError, from_container
+from nativetok.config.checks import ConfigError
+from nativetok.config.loading import from_container
 from nativetok.config.schema import ExperimentConfig, GeneratorConfig
 from nativetok.models import Generator, NativeTokenizer, build_generator, build_tokenizer
 
@@ -275,10 +276,27 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu", 
     tokenizer = tokenizer_from_checkpoint(read_checkpoint(path, "tokenizer"), device, ema)
     tokenizer.loaded_from = path
     for name, found in (("codebook_size", tokenizer.quantizer.codebook_size), ("num_tokens", tokenizer.num_active)):
-        expected = getattr(fits, name, found)
-        if found != expected:
+        expected = getattr(fits, name, None)
+        if expected is not None and found != expected:
             raise CheckpointError(f"tokenizer {path} has {name} {found} but the generator expects {expected}")
     return tokenizer
+
+
+def with_tokenizer_sizes(config: ExperimentConfig) -> ExperimentConfig:
+    """A generator experiment whose generator.codebook_size and num_tokens are filled in from generator.tokenizer
+    where it leaves them out: the sizes are the tokenizer's, said once. Sizes given are kept (`load_tokenizer`
+    with `fits` refuses a tokenizer without them), and then the tokenizer is not read here."""
+    g = config.generator
+    if g.codebook_size is not None and g.num_tokens is not None:
+        return config
+    if not Path(g.tokenizer).exists() and not HUB_ID.match(str(g.tokenizer)):
+        raise ConfigError(f"generator.codebook_size and generator.num_tokens are left out, so they are read from "
+                          f"generator.tokenizer, but {g.tokenizer} is not found: train the tokenizer first, point "
+                          f"generator.tokenizer at it, or give both sizes")
+    tokenizer = load_tokenizer(g.tokenizer)
+    read = {"codebook_size": tokenizer.quantizer.codebook_size, "num_tokens": tokenizer.num_active}
+    return replace(config, generator=replace(g, **{name: value for name, value in read.items()
+                                                   if getattr(g, name) is None}))
 
 
 def tokenizer_from_checkpoint(

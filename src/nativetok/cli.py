@@ -139,7 +139,7 @@ SAMPLING_OPTIONS = {
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from nativetok.config.loading import check_sampling_options
+    from nativetok.config.checks import check_sampling_options
     from nativetok.pipelines.sample import sample_to_folder
 
     sampling = {field: getattr(args, option[2:].replace("-", "_")) for field, option in SAMPLING_OPTIONS.items()}

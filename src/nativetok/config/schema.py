@@ -1,6 +1,6 @@
 """The typed schema of an experiment: every key a YAML file or a `key=value` override may set.
 
-OmegaConf checks types and unknown keys against these dataclasses; `check_values` in `loading.py` checks
+OmegaConf checks types and unknown keys against these dataclasses; `check_values` in `checks.py` checks
 the values that types cannot (every float finite, ranges, choices, consistency between sections).
 """
 
@@ -243,10 +243,12 @@ class GrowthConfig:
 class GeneratorConfig:
     # ar: autoregressive (LlamaGen-style); maskgit: bidirectional, iterative parallel decoding.
     kind: str = "ar"
-    # The stage-1 checkpoint that made the tokens: it decodes samples, and must match the two sizes below.
+    # The stage-1 checkpoint that made the tokens: it decodes samples, and gives the two sizes below.
     tokenizer: str = "runs/fmnist_tiny/checkpoints/last.ckpt"
-    codebook_size: int = 256
-    num_tokens: int = 16
+    # The tokenizer's codebook size and token count: left out (null), they are read from generator.tokenizer
+    # when training starts (`checkpoints.with_tokenizer_sizes`); given, the tokenizer must have them.
+    codebook_size: Optional[int] = None
+    num_tokens: Optional[int] = None
     width: int = 256
     depth: int = 4
     heads: int = 4

@@ -46,7 +46,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from nativetok.config.loading import ConfigError, from_container, to_container
+from nativetok.config.checks import ConfigError
+from nativetok.config.loading import from_container, to_container
 from nativetok.config.schema import ExperimentConfig
 from nativetok.lit.preemption import slurm_job_id
 

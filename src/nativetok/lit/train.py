@@ -25,7 +25,9 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.profilers import AdvancedProfiler, Profiler, SimpleProfiler
 from pytorch_lightning.strategies import DDPStrategy
 
-from nativetok.config.loading import ConfigError, callback_class, to_yaml
+from nativetok.checkpoints import with_tokenizer_sizes
+from nativetok.config.checks import ConfigError, callback_class
+from nativetok.config.loading import to_yaml
 from nativetok.config.schema import ExperimentConfig
 from nativetok.data import ImageShardsDataModule, TokenShardsDataModule
 from nativetok.lit.callbacks import DataSkips, ExpertGrowth, ReconstructionGrid, SampleGrid, ValidationSummary
@@ -232,7 +234,9 @@ def tokenizer_module(config: ExperimentConfig) -> TokenizerModule:
 
 
 def generator_module(config: ExperimentConfig) -> GeneratorModule:
-    """Stage 2's LightningModule around a generator of `generator.kind`, built from the config once."""
+    """Stage 2's LightningModule around a generator of `generator.kind`, built from the config once (the sizes
+    it leaves out read from its tokenizer)."""
+    config = with_tokenizer_sizes(config)
     return GeneratorModule(config, build_generator(config.generator, config.data.num_classes))
 
 
@@ -274,6 +278,7 @@ def train_generator(
     """Stage 2 on the configured token shards, into `run.dir`; returns the trainer and the trained module."""
     pl.seed_everything(config.seed, workers=True)
     run_dir = Path(config.run.dir)
+    config = with_tokenizer_sizes(config)  # before anything reads them, and so the run's config.yaml holds them
     g = config.generator
     datamodule = TokenShardsDataModule(config.data, g.codebook_size, g.num_tokens, seed=config.seed)
     datamodule.check_index()

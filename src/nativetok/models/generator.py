@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nativetok.config.loading import check_sampling_options
+from nativetok.config.checks import check_sampling_options
 from nativetok.config.schema import (
     GENERATOR_KINDS,
     TOKEN_ORDERS,
@@ -228,4 +228,7 @@ def build_generator(config: GeneratorConfig, num_classes: int) -> Generator:
     """The generator of `config.kind`, from the registry."""
     if config.kind not in GENERATORS:
         raise ValueError(f"unknown generator kind '{config.kind}': use {' or '.join(GENERATOR_KINDS)}")
+    if config.codebook_size is None or config.num_tokens is None:
+        raise ValueError("generator.codebook_size and generator.num_tokens are unset: they are the tokenizer's "
+                         "(nativetok.checkpoints.with_tokenizer_sizes reads them from generator.tokenizer)")
     return GENERATORS[config.kind].from_config(config, num_classes)

@@ -26,13 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from nativetok.config.loading import (
-    Combination,
-    ConfigError,
-    load_config,
-    override_combinations,
-    resolve_experiment,
-)
+from nativetok.config.checks import ConfigError
+from nativetok.config.loading import Combination, load_config, override_combinations, resolve_experiment
 from nativetok.config.schema import ExperimentConfig
 from nativetok.io import atomic_open
 
