@@ -298,11 +298,21 @@ def row_mfu(experiment: str, label: str, batch: int, repeats: int, target: Optio
                     target=target, detail=f"{flops / seconds['SDPA'] / 1e9:.0f} of {peak / 1e9:.0f} GFLOP/s "
                                           f"(fp32 4096^3 matmul)").check())
     rows.append(Row(f"   gain: SDPA over math attention ({label})", seconds["math attention"] / seconds["SDPA"]))
+    if not native_bf16():  # emulated, a 4096^3 bf16 matmul alone takes minutes: nothing to learn from it
+        log.info("bf16 gain at %s not measured: this CPU has no native bf16", label)
+        return rows
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = median_time(lambda: mit(x).sum().backward(), repeats)
     rows.append(Row(f"   gain: bf16 autocast over fp32, MIT fwd+bwd ({label})", seconds["SDPA"] / bf16,
                     detail=f"bf16 4096^3 matmul: {matmul_flops_per_second(torch.bfloat16, repeats) / 1e9:.0f} GFLOP/s"))
     return rows
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it torch emulates bf16."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _math_attention():

@@ -217,7 +217,11 @@ def train_steps(experiment: str, batch: int, timer: StepTimer, overrides: Sequen
         if synthetic:
             index = synthetic_shards(Path(folder) / "shards", batch * synthetic, base.data.image_size,
                                      base.data.channels, base.data.num_classes)
-            data = [f"data.index={index}", "data.hflip=false", f"data.shuffle_buffer={batch}", "data.num_workers=1"]
+            # At L-32 sizes a forked data worker doubles the memory: it shares the weights' pages, which the
+            # optimizer's first step then copies (copy-on-write). The synthetic batches load in the step's process.
+            workers = 0 if experiment == L32 else 1
+            data = [f"data.index={index}", "data.hflip=false", f"data.shuffle_buffer={batch}",
+                    f"data.num_workers={workers}"]
         steps = timer.warmup + timer.steps + 1
         config = load_config(experiment, [
             *data, f"data.batch_size={batch}", "data.val_samples=32", f"trainer.accelerator={'gpu' if cuda else 'cpu'}",

@@ -225,6 +225,50 @@ def test_a_config_callback_is_appended_to_the_trainers(key, tiny_config, tmp_pat
     assert len(stopping) == 1 and stopping[0].patience == 7 and stopping[0].monitor == "val/loss"
 
 
+def test_every_callback_of_a_trainer_and_of_a_training_run_comes_from_one_function(tiny_config, tmp_path):
+    from nativetok.lit.callbacks import ExpertGrowth, ReconstructionGrid, SampleGrid
+    from nativetok.lit.preemption import LastCheckpoint
+    from nativetok.lit.run_folder import RunLock
+    from nativetok.lit.train import training_callbacks
+
+    def kinds(callbacks):
+        return [type(c).__name__ for c in callbacks]
+
+    probe = pl.Callback()
+    config = tiny_config(f"callbacks=[{EARLY_STOPPING}]", "growth.stages=[{step: 0, experts: 8}]")
+    plain = training_callbacks(config, tmp_path, [probe])
+    assert kinds(plain) == ["ConsoleLog", "LearningRateMonitor", "Callback", "EarlyStopping", "LastCheckpoint"]
+    run = training_callbacks(config, tmp_path, [probe], RunLock(tmp_path))
+    assert kinds(run) == ["ConsoleLog", "LearningRateMonitor", "ModelCheckpoint", "DataSkips", "ValidationSummary",
+                          "RunLock", "ReconstructionGrid", "Callback", "ExpertGrowth", "EarlyStopping",
+                          "LastCheckpoint"]
+    assert isinstance(run[6], ReconstructionGrid) and isinstance(run[8], ExpertGrowth)
+    generator = tiny_generator_config(tmp_path, "ar", "trainer.fast_dev_run=true")  # no last.ckpt in a dev run
+    stage2 = training_callbacks(generator, tmp_path, (), RunLock(tmp_path))
+    assert any(isinstance(c, SampleGrid) for c in stage2) and not any(isinstance(c, LastCheckpoint) for c in stage2)
+    trainer = build_trainer(config, [probe], tmp_path)  # what the trainer holds (Lightning may add its own)
+    assert {"ConsoleLog", "LearningRateMonitor", "EarlyStopping", "LastCheckpoint"} <= set(kinds(trainer.callbacks))
+    assert probe in trainer.callbacks and not any(isinstance(c, RunLock) for c in trainer.callbacks)
+
+
+def test_the_lightning_modules_hold_the_config_sections_they_read_and_checkpoints_the_whole_config(tiny_config,
+                                                                                                     tmp_path):
+    """As lightning-hydra-template hands its module `net` and an optimizer: no module holds the experiment config,
+    which reaches its checkpoints as a plain record (what the loaders rebuild the models from)."""
+    from nativetok.lit.optim import Optimization, scaled_lr
+    from nativetok.lit.train import tokenizer_module
+
+    config = tiny_config(f"run.dir={tmp_path / 'tok'}", "trainer.max_steps=1", "trainer.val_every_n_steps=5")
+    generator = tiny_generator_config(tmp_path / "gen")
+    for built, module in ((config, tokenizer_module(config)), (generator, generator_module(generator))):
+        held = [name for name, value in vars(module).items() if isinstance(value, ExperimentConfig)]
+        assert held == [] and module.config_record == to_container(built)
+        assert module.optimization == Optimization(built.optim, scaled_lr(built), built.trainer.max_steps)
+    train_tokenizer(config)
+    saved = read_checkpoint(tmp_path / "tok" / "checkpoints" / "last.ckpt", "tokenizer")
+    assert from_container(saved["hyper_parameters"]["config"]) == config
+
+
 @pytest.mark.parametrize("spec, message", [
     ("{class_path: collections.OrderedDict}", "callbacks.1.class_path: collections.OrderedDict is not a "
                                               "pytorch_lightning.Callback subclass"),

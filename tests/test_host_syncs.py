@@ -7,10 +7,12 @@ training through Lightning on the embedded data and count, step by step, the ops
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
 from benchmarks.profiling import DispatchCounter
+from nativetok.lit.guards import logs_this_batch
 from nativetok.lit.train import build_trainer, generator_module
 from nativetok.models.graphs import encoder_key
 from nativetok.models.tokenizer import NativeTokenizer, build_tokenizer
@@ -21,13 +23,17 @@ from .test_stage1_training import fit
 
 
 class SyncProbe(pl.Callback):
-    """Counts the ops of each training batch (data loading excluded), and whether its logs are written."""
+    """Counts the ops of each training batch (data loading excluded), and whether its logs are written. Lightning's
+    own (private) answer is the reference that `logs_this_batch`, which the steps use, must agree with."""
 
     def __init__(self):
         self.steps = []
+        self.disagreements = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.logging = trainer._logger_connector.should_update_logs
+        if logs_this_batch(trainer) != self.logging:
+            self.disagreements.append((trainer.global_step, batch_idx, self.logging))
         self.counter = DispatchCounter()
         self.counter.__enter__()
 
@@ -58,11 +64,13 @@ def test_stage1_steps_make_no_host_sync_through_growth_restarts_and_the_gan(tiny
     written = [c for _, logging, c in probe.steps if logging]
     assert written and all(sum(c.syncs.values()) > 0 for c in written)  # the probe sees syncs where they are
     assert module.tokenizer.num_active == 8 and trainer.global_step == 12
+    assert probe.disagreements == []  # a discriminator step does not count as a step of its own
 
 
-def test_stage2_steps_make_no_host_sync(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_stage2_steps_make_no_host_sync(tmp_path, accumulate):
     config = tiny_generator_config(tmp_path, "ar", "trainer.max_steps=8", "trainer.progress_bar=true",
-                                   "trainer.log_every_n_steps=4")
+                                   "trainer.log_every_n_steps=4", f"trainer.accumulate_grad_batches={accumulate}")
     loader = random_token_batches()
     probe = SyncProbe()
     build_trainer(config, [probe], tmp_path).fit(
@@ -71,6 +79,7 @@ def test_stage2_steps_make_no_host_sync(tmp_path):
     assert len(quiet) >= 4
     for step, counter in quiet:
         assert counter.syncs == {} and counter.host_data == {}, (step, counter.syncs, counter.host_data)
+    assert probe.disagreements == [] and len(probe.steps) == 8 * accumulate
 
 
 def tiny_tokenizer(tiny_config, kind: str, active: int) -> NativeTokenizer:

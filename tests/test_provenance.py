@@ -216,7 +216,7 @@ def generator_run(world):
     previous = Path.cwd()
     os.chdir(work)
     try:
-        run_dir = Path(train_generator(config)[1].cfg.run.dir)
+        run_dir = Path(train_generator(config)[1].run_dir)
     finally:
         os.chdir(previous)
     return work / run_dir / "checkpoints" / "last.ckpt"

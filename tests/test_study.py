@@ -102,6 +102,7 @@ def test_the_decision_rule_of_docs_study():
     assert verdict(dict(zip(keys, [better, better, tie]))) == "undecided"
     assert verdict(dict(zip(keys, [worse, better, better]))) == "undecided"
     assert verdict(dict(zip(keys[:2], [better] * 2))).startswith("undecided")
+    assert verdict({}).startswith("none")  # a preset of other arms (growth_init) has no verdict
 
 
 def test_sequence_statistics_count_repeats_and_distinct_ids():
@@ -117,7 +118,7 @@ def test_the_presets_load_and_bad_ones_are_refused(tmp_path):
     assert len(default.seeds) >= 3 and {"nativetok", "parallel", "reversed", "permuted"} <= set(default.arms)
     assert default.arms["reversed"].tokenizer == "nativetok" and default.arms["permuted"].order == "permuted"
     assert "growth.stages=[]" in default.tokenizer and "tokenizer.decoder.random_prefix=0" in default.tokenizer
-    for name in ("long", "quick", "extended", "full"):
+    for name in ("long", "quick", "extended", "full", "growth_init"):
         load_preset(REPO / "experiments" / "compare" / f"{name}.yaml")
     bad = tmp_path / "bad.yaml"
     cases = {
@@ -126,6 +127,7 @@ def test_the_presets_load_and_bad_ones_are_refused(tmp_path):
         "tokenizers: {a: []}\narms: {x: {tokenizer: b}}\n": "arms.x.tokenizer: 'b' is not one of",
         "tokenizers: {a: []}\narms: {x: {tokenizer: a, order: sideways}}\n": "arms.x.order: 'sideways'",
         "tokenizers: {a: []}\narms: {x: {tokenizer: a}}\nsamples: 1\n": "samples: needs at least 2",
+        "tokenizers: {a: []}\narms: {x: {tokenizer: a}}\npaired: [[x, y]]\n": r"paired: \['x', 'y'\] must name two",
     }
     for text, message in cases.items():
         bad.write_text(text)
@@ -151,6 +153,7 @@ def test_a_tiny_study_runs_every_arm_pairs_seeds_and_resumes(tmp_path, fmnist_in
         "arms": {"nativetok": {"tokenizer": "nativetok"}, "parallel": {"tokenizer": "parallel"},
                  "reversed": {"tokenizer": "nativetok", "order": "reversed"},
                  "permuted": {"tokenizer": "nativetok", "order": "permuted"}},
+        "paired": [["parallel", "reversed"]],
         "generator_images": 60, "selection_images": 20, "evaluation_images": 30, "samples": 20,
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(preset))
@@ -159,6 +162,11 @@ def test_a_tiny_study_runs_every_arm_pairs_seeds_and_resumes(tmp_path, fmnist_in
     assert (report["lanes"], report["cells_computed"], report["cells"]) == (2, 12, 12)
     assert report["seeds"] == [0, 1] and report["verdict"].startswith(("supported", "refuted", "undecided"))
     assert set(report["differences"]) == {"nativetok - parallel", "nativetok - reversed", "nativetok - permuted"}
+    paired = report["paired"]["parallel - reversed"]  # its tokenizers' metrics too, paired by seed
+    assert set(paired) == {"fd_vs_reconstructions", "bits_per_token", "psnr", "adjacent_repeat_rate",
+                           "distinct_ids_per_image"}
+    assert paired["psnr"]["values"] == pytest.approx([report["tokenizers"]["parallel"][s]["psnr"]
+                                                      - report["tokenizers"]["nativetok"][s]["psnr"] for s in (0, 1)])
     index = json.loads((folder / "data" / "index.json").read_text())
     assert {k: sum(s["samples"] for s in v["shards"]) for k, v in index["splits"].items()} == {
         "train": 60, "val": 20, "eval": 30}
@@ -205,3 +213,18 @@ def test_a_new_schema_key_at_its_default_keeps_a_finished_cell_and_any_changed_v
     seeded["optim"]["lr"] *= 2
     assert changed_inputs(saved, {"config": seeded, "samples": 30}) == [
         "config.generator.order_seed", "config.optim.lr", "samples"]
+
+
+def test_a_cell_records_only_the_sections_its_stage_reads_so_a_generator_change_keeps_finished_tokenizers():
+    from nativetok.config.schema import ExperimentConfig
+    from nativetok.pipelines.compare import changed_inputs, read_sections, schema_defaults
+
+    tokenizer = read_sections(ExperimentConfig(stage="tokenizer"))
+    generator = read_sections(ExperimentConfig(stage="generator"))
+    assert "generator" not in tokenizer and "sampling" not in tokenizer and "tokenizer" in tokenizer
+    assert {"tokenizer", "loss", "growth"}.isdisjoint(generator) and "generator" in generator
+    recorded = schema_defaults()  # recorded whole (as cells made before were), the generator since changed
+    recorded["generator"]["codebook_size"] = 4096
+    assert changed_inputs({"config": recorded}, {"config": tokenizer}) == []
+    recorded["tokenizer"]["num_tokens"] += 1  # what the tokenizer reads still counts
+    assert changed_inputs({"config": recorded}, {"config": tokenizer}) == ["config.tokenizer.num_tokens"]

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from safetensors.torch import load_file
 
 from nativetok.config.checks import ConfigError
 from nativetok.config.loading import from_container
@@ -176,11 +177,6 @@ def read_export(folder: Path, kind: Optional[str]) -> dict:
                               + (f", not a {kind}" if kind else ""))
     checked_config(config, folder / CONFIG_FILE)
     export_sha256(folder)
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise CheckpointError(f"{folder}: reading exported weights needs safetensors: pip install safetensors") \
-            from None
     try:
         weights = load_file(folder / WEIGHTS_FILE)
     except Exception as error:

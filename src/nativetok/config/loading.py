@@ -502,6 +502,9 @@ def load_preset(path: str | os.PathLike) -> ComparePreset:
                             f"{sorted(preset.tokenizers)}")
         if arm.order not in TOKEN_ORDERS:
             problems.append(f"arms.{name}.order: '{arm.order}' is not one of {', '.join(TOKEN_ORDERS)}")
+    for pair in preset.paired:
+        if len(pair) != 2 or not set(pair) <= set(preset.arms):
+            problems.append(f"paired: {list(pair)} must name two of the arms {sorted(preset.arms)}")
     for name, reference in preset.match_parameters.items():
         if name not in preset.tokenizers or reference not in preset.tokenizers:
             problems.append(f"match_parameters.{name}: '{name}' and '{reference}' must both be tokenizers")

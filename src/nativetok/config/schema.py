@@ -299,6 +299,7 @@ class CallbackConfig:
 @dataclass
 class ExperimentConfig:
     # tokenizer: stage 1 (uses tokenizer, loss, growth); generator: stage 2 (uses generator, sampling).
+    # The other stage's sections are in every config but never read (UNUSED_SECTIONS).
     stage: str = "tokenizer"
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
@@ -313,6 +314,11 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     # Extra Lightning callbacks, appended to the trainer's own (`trainer.callbacks` is read as this too).
     callbacks: List[CallbackConfig] = field(default_factory=list)
+
+
+# The sections of ExperimentConfig a stage never reads: changing them neither stops a resume nor invalidates a
+# finished study cell.
+UNUSED_SECTIONS = {"tokenizer": ("generator", "sampling"), "generator": ("tokenizer", "loss", "growth")}
 
 
 @dataclass
@@ -344,6 +350,9 @@ class ComparePreset:
     match_parameters: Dict[str, str] = field(default_factory=dict)
     # Arm name -> tokenizer and order. The decision rule reads the arms nativetok, parallel, reversed, permuted.
     arms: Dict[str, StudyArm] = field(default_factory=dict)
+    # [arm, other arm] pairs reported besides the rule's, as paired differences (first minus second) of the arms'
+    # primary metric and bits/token and of their tokenizers' PSNR, adjacent repeats and distinct ids.
+    paired: List[List[str]] = field(default_factory=list)
     # The one fixed permutation of the `permuted` order, the same for every seed.
     order_seed: int = 1234
     # Class-balanced subsets, drawn once with subset_seed: training images the generators learn from; the

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 import torch
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -251,7 +252,6 @@ def _weights_problem(weights: Path, data_digest: str) -> Optional[str]:
 
 def _save(weights: Path, network: FmnistNet, provenance: Dict) -> None:
     """The weights as safetensors, then the provenance recording their sha256 (each written atomically)."""
-    from safetensors.torch import save
 
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
     with atomic_open(weights) as file:
@@ -263,7 +263,6 @@ def _save(weights: Path, network: FmnistNet, provenance: Dict) -> None:
 
 def _load(weights: Path, device: str) -> FeatureClassifier:
     """The verified weights file as a FeatureClassifier (safetensors: plain tensors, no pickle)."""
-    from safetensors.torch import load_file
 
     network = FmnistNet()
     try:

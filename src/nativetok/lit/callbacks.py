@@ -199,7 +199,7 @@ class SampleGrid(ImageGrid):
         return class_label(class_id, self.names)
 
     def grid(self, pl_module) -> torch.Tensor:
-        classes = min(self.max_classes, pl_module.cfg.data.num_classes)
+        classes = min(self.max_classes, pl_module.generator.num_classes)
         labels = torch.arange(classes).repeat_interleave(self.per_class)
         images = pl_module.sample_images(labels, seed=0)
         return labelled_grid(images.split(self.per_class), [self.label(c) for c in range(classes)])

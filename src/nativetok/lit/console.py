@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from nativetok.lit.guards import writing_logs
+from nativetok.lit.guards import logs_this_batch
 from nativetok.progress import duration, on_terminal, per_second
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,14 @@ def progress(setting: Any, log_every_n_steps: int) -> pl.Callback:
 
 class StepProgressBar(TQDMProgressBar):
     """A bar toward `trainer.max_steps` at `global_step` (Lightning's counts batches of one epoch), refreshed
-    on the logging steps: each refresh reads the shown values from the device. While it shows, the console's
+    on the logging steps (every batch accumulated into one, none of the others) and at the end: each refresh reads
+    the shown values from the device. While it shows, the console's
     log records go through `tqdm.write`, above the bar rather than over it."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._logs_above = ExitStack()
+        self._logging = False  # this batch's step is logged (`logs_this_batch`)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -63,10 +65,13 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         """Keep counting across epochs (the parent resets the bar to the epoch's batches)."""
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._logging = logs_this_batch(trainer)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self._should_update(step, self.train_progress_bar.total):
+        if self.is_enabled and (self._logging or step == self.train_progress_bar.total):
             self.train_progress_bar.n = step
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
 
@@ -102,6 +107,7 @@ class ConsoleLog(pl.Callback):
         self._validating_since: Optional[float] = None
         self._validation_seconds = 0.0  # since the last line: not training time
         self._notes: List[ConsoleNote] = []
+        self._logging = False  # this batch's step is logged (`logs_this_batch`)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = self._last = time.perf_counter()
@@ -116,9 +122,12 @@ class ConsoleLog(pl.Callback):
             self._validation_seconds += time.perf_counter() - self._validating_since
             self._validating_since = None
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._logging = logs_this_batch(trainer)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if trainer.is_global_zero and writing_logs(trainer):
+        if trainer.is_global_zero and self._logging:
             log.info("%s", self.line(trainer, _batch_size(batch) * trainer.world_size))
 
     def line(self, trainer: pl.Trainer, batch_size: int) -> str:

@@ -19,15 +19,14 @@ import torch
 from torch import Tensor
 
 from nativetok.checkpoints import CheckpointError, load_tokenizer, tokenizer_pin
-from nativetok.config.loading import to_container
-from nativetok.config.schema import ExperimentConfig
+from nativetok.config.schema import GeneratorConfig, SamplingConfig, TrainerConfig
 from nativetok.data.shards import DatasetIndex
 from nativetok.data.stream import DataError
 from nativetok.lit.ema import EMA
 from nativetok.lit.figures import position_curves
-from nativetok.lit.guards import StepGuard, grad_scaler, writing_logs
+from nativetok.lit.guards import StepGuard, grad_scaler, logs_this_batch
 from nativetok.lit.metrics import PositionLoss
-from nativetok.lit.optim import adamw_with_schedule, decay_split, step_generator
+from nativetok.lit.optim import Optimization, decay_split, step_generator
 from nativetok.models.generator import Generator
 from nativetok.models.tokenizer import NativeTokenizer
 from nativetok.version import __version__
@@ -40,16 +39,27 @@ NO_DECAY = ("embed", "positions")
 class GeneratorModule(pl.LightningModule):
     """Training and validation around a built generator; the model itself knows its loss and sampler."""
 
-    def __init__(self, config: ExperimentConfig, generator: Generator):
+    def __init__(self, generator: Generator, settings: GeneratorConfig, sampling: SamplingConfig,
+                 optimization: Optimization, trainer: TrainerConfig, seed: int, token_index: str, run_dir: str,
+                 config_record: Dict):
+        """Given the built generator, and of the config the sections it reads: its own (`settings`: the tokenizer
+        it decodes with, and the sizes that tokenizer must have), sampling, optimization, trainer, the seed, the
+        token shards' index (checked against the tokenizer) and the run folder (the tokenizer's pin is relative
+        to it). `config_record` is the whole experiment config as a plain container, written into every
+        checkpoint for the loaders and never read here."""
         super().__init__()
-        self.cfg = c = config
         self.generator = generator
-        self.ema = EMA(self.generator, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
+        self.settings, self.sampling, self.optimization = settings, sampling, optimization
+        self.trainer_config, self.seed, self.token_index, self.run_dir = trainer, seed, token_index, run_dir
+        self.config_record = config_record
+        ema_decay = optimization.optim.ema_decay
+        self.ema = EMA(self.generator, ema_decay) if ema_decay > 0 else None
         self._stepped = False  # an optimizer step happened in the current batch
-        self.val_positions = PositionLoss(c.generator.num_tokens)
+        self.val_positions = PositionLoss(generator.num_tokens)
         self._tokenizer: List[NativeTokenizer] = []  # loaded by load_tokenizer, kept out of the state dict
         self.tokenizer_pin: Optional[dict] = None  # set when the tokenizer is loaded, saved in every checkpoint
-        self.loss_guard = StepGuard(c.trainer.max_nonfinite_steps)
+        self.loss_guard = StepGuard(trainer.max_nonfinite_steps)
+        self.writing_logs = False  # whether this batch's step is logged (`logs_this_batch`)
         self._step_loss: Optional[Tensor] = None  # the loss the guard judges before the optimizer step
         self.class_names: List[str] = []  # the data index's; checkpoints keep them for `nativetok sample`'s grid
 
@@ -62,7 +72,7 @@ class GeneratorModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """trainer.compile: compile the generator's training forward (sampling stays eager)."""
-        if self.cfg.trainer.compile:
+        if self.trainer_config.compile:
             self.generator.compile()
 
     @property
@@ -73,25 +83,25 @@ class GeneratorModule(pl.LightningModule):
         """generator.tokenizer, loaded and pinned once (by `setup`, or earlier by `train_generator` to refuse a
         tokenizer that does not fit before any training); token shards that another tokenizer made are refused."""
         if not self._tokenizer:
-            g = self.cfg.generator
+            g = self.settings
             tokenizer = load_tokenizer(g.tokenizer, fits=g)
-            self.tokenizer_pin = tokenizer_pin(g.tokenizer, self.cfg.run.dir)
+            self.tokenizer_pin = tokenizer_pin(g.tokenizer, self.run_dir)
             self._check_token_shards(self.tokenizer_pin["sha256"])
             self._tokenizer.append(tokenizer)
         return self._tokenizer[0].to(self.device)
 
     def _check_token_shards(self, tokenizer_sha256: str) -> None:
-        index = Path(self.cfg.data.index)
+        index = Path(self.token_index)
         if not index.is_file():
             return
         recorded = (DatasetIndex.load(index).tokens or {}).get("tokenizer_sha256")
         if recorded is None:
             log.warning("token shards %s do not record their tokenizer's sha256: cannot check that %s made them",
-                        index, self.cfg.generator.tokenizer)
+                        index, self.settings.tokenizer)
         elif recorded != tokenizer_sha256:
             raise DataError(
                 f"token shards {index} were made by a tokenizer with sha256 {recorded[:12]} but generator.tokenizer "
-                f"{self.cfg.generator.tokenizer} has sha256 {tokenizer_sha256[:12]}: tokenize with it again, or point "
+                f"{self.settings.tokenizer} has sha256 {tokenizer_sha256[:12]}: tokenize with it again, or point "
                 f"generator.tokenizer at the one that made them"
             )
 
@@ -99,14 +109,17 @@ class GeneratorModule(pl.LightningModule):
         """Label dropout and masks drawn from (seed, step, rank, micro-batch): a resumed run draws what an
         unbroken one would, and the batches accumulated into one step draw different patterns."""
         micro = batch_idx % self.trainer.accumulate_grad_batches
-        return step_generator(self.cfg.seed, self.global_step, self.global_rank, self.device, micro)
+        return step_generator(self.seed, self.global_step, self.global_rank, self.device, micro)
 
     # -- optimization -----------------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer, schedule = adamw_with_schedule(
-            decay_split(self.generator.named_parameters(), NO_DECAY), self.cfg, self.device
+        optimizer, schedule = self.optimization.adamw_with_schedule(
+            decay_split(self.generator.named_parameters(), NO_DECAY), self.device
         )
         return [optimizer], [schedule]
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.writing_logs = logs_this_batch(self.trainer)
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         """No host sync: a non-finite loss is skipped on the device (`on_before_optimizer_step`), and the
@@ -116,7 +129,7 @@ class GeneratorModule(pl.LightningModule):
         loss, _ = self.generator.loss(batch["tokens"], labels, generator)
         self._step_loss = loss.detach()
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
-        if writing_logs(self.trainer):
+        if self.writing_logs:
             self.log_dict({
                 "train/loss": loss.detach(),
                 "train/bits_per_token": loss.detach() / math.log(2),
@@ -127,9 +140,9 @@ class GeneratorModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip (Lightning would refuse to with a fused optimizer under mixed precision) and skip on the device."""
         norm = self.loss_guard.before_step(
-            optimizer, self._step_loss, self.cfg.optim.grad_clip, grad_scaler(self.trainer), self.global_step
+            optimizer, self._step_loss, self.optimization.optim.grad_clip, grad_scaler(self.trainer), self.global_step
         )
-        if writing_logs(self.trainer):
+        if self.writing_logs:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self._stepped = True
 
@@ -145,7 +158,7 @@ class GeneratorModule(pl.LightningModule):
     # -- evaluation -------------------------------------------------------------------------------------
     def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
         tokens = batch["tokens"]
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + batch_idx)  # same masks each time
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)  # same masks each time
         loss, per_position = self.eval_generator.loss(tokens, batch["label"], generator)
         self.val_positions.update(per_position, tokens.shape[0])
         size = tokens.shape[0]
@@ -170,14 +183,14 @@ class GeneratorModule(pl.LightningModule):
         model = self.eval_generator
         was_training = model.training
         model.eval()
-        ids = model.sample(labels.to(self.device), self.cfg.sampling, seed)
+        ids = model.sample(labels.to(self.device), self.sampling, seed)
         model.train(was_training)
         return self.load_tokenizer().decode(ids)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The config as a plain container (what loading a checkpoint reads), the kind, the tokenizer pin and
         the class names (sampling reads no data index: a checkpoint's stored path is never read on its own)."""
-        checkpoint["hyper_parameters"] = {"config": to_container(self.cfg)}
+        checkpoint["hyper_parameters"] = {"config": self.config_record}
         checkpoint["nativetok"] = {"kind": "generator", "version": __version__}
         if self.tokenizer_pin is not None:
             checkpoint["nativetok"]["tokenizer"] = self.tokenizer_pin
@@ -191,6 +204,6 @@ class GeneratorModule(pl.LightningModule):
             return
         raise CheckpointError(
             f"this run was trained with tokenizer sha256 {pinned['sha256'][:12]} ({pinned['path']}) but "
-            f"generator.tokenizer {self.cfg.generator.tokenizer} now has sha256 {self.tokenizer_pin['sha256'][:12]}: "
+            f"generator.tokenizer {self.settings.tokenizer} now has sha256 {self.tokenizer_pin['sha256'][:12]}: "
             f"resume with that tokenizer, or start a new run"
         )

@@ -7,7 +7,7 @@ on the device: a fused AdamW reads `found_inf` and leaves weights and state as t
 so a non-finite loss or gradient costs no host sync. A skipped step still counts as a step (as under
 fp16 autocast, where the scaler skips steps the same way). The counts live on the device and are read
 when the run logs anyway (`check`). The two facts about the running Lightning loop a step needs
-(`writing_logs`, `grad_scaler`) are read here too, without host syncs.
+(`logs_this_batch`, `grad_scaler`) are read here too, without host syncs, from Lightning's public state.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
-def writing_logs(trainer: pl.Trainer) -> bool:
-    """Whether Lightning writes this step's logs: only then are the step's scalars worth building, since
-    each costs device work and every value read for a logger or progress bar is a host sync."""
-    return trainer._logger_connector.should_update_logs
+def logs_this_batch(trainer: pl.Trainer) -> bool:
+    """Asked at a batch's start (`on_train_batch_start`): whether Lightning writes the logs of the step this batch
+    belongs to. Only then are the step's scalars worth building, since each costs device work and every value
+    read for a logger or progress bar is a host sync. At a batch's start `global_step` counts the optimizer steps
+    before it, which is the count Lightning decides by (every `log_every_n_steps`-th step, and the last): the
+    tokenizer's discriminator step does not count, and batches accumulated into one step share the answer."""
+    every = trainer.log_every_n_steps
+    return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
 
 
 def grad_scaler(trainer: pl.Trainer) -> Optional[torch.amp.GradScaler]:

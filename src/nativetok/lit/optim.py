@@ -4,12 +4,13 @@ with warm-up and cosine decay, and the per-step seed of whatever a step draws at
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from nativetok.config.schema import ExperimentConfig
+from nativetok.config.schema import ExperimentConfig, OptimConfig
 from nativetok.lit.guards import fused_adamw
 
 
@@ -39,24 +40,38 @@ def scaled_lr(config: ExperimentConfig) -> float:
     return o.lr * (config.data.batch_size / o.base_batch_size if o.base_batch_size else 1.0)
 
 
-def adamw_with_schedule(
-    groups: Tuple[List[nn.Parameter], List[nn.Parameter]], config: ExperimentConfig, device: torch.device
-) -> Tuple[torch.optim.AdamW, dict]:
-    """Fused AdamW over (decay, no decay) groups at the scaled lr, and its per-step warm-up/cosine schedule
-    in the form Lightning's `configure_optimizers` returns, named for Lightning's LearningRateMonitor."""
-    o = config.optim
-    decay, plain = groups
-    optimizer = fused_adamw(
-        [{"params": decay, "weight_decay": o.weight_decay, "name": "decay"},
-         {"params": plain, "weight_decay": 0.0, "name": "no_decay"}],
-        device, lr=scaled_lr(config), betas=tuple(o.betas),
-    )
-    total = config.trainer.max_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
-    )
-    # LearningRateMonitor logs it as train/lr/decay and train/lr/no_decay (the groups' names).
-    return optimizer, {"scheduler": schedule, "interval": "step", "name": "train/lr"}
+@dataclass(frozen=True)
+class Optimization:
+    """What a LightningModule is given to optimize with (as lightning-hydra-template hands its module an
+    optimizer and a scheduler): the optim section, the learning rate it scales to and the steps the schedule
+    spans, read from the whole config once by `of`."""
+
+    optim: OptimConfig
+    lr: float
+    total_steps: int
+
+    @classmethod
+    def of(cls, config: ExperimentConfig) -> "Optimization":
+        return cls(config.optim, scaled_lr(config), config.trainer.max_steps)
+
+    def adamw_with_schedule(
+        self, groups: Tuple[List[nn.Parameter], List[nn.Parameter]], device: torch.device
+    ) -> Tuple[torch.optim.AdamW, dict]:
+        """Fused AdamW over (decay, no decay) groups at the scaled lr, and its per-step warm-up/cosine schedule
+        in the form Lightning's `configure_optimizers` returns, named for Lightning's LearningRateMonitor."""
+        o = self.optim
+        decay, plain = groups
+        optimizer = fused_adamw(
+            [{"params": decay, "weight_decay": o.weight_decay, "name": "decay"},
+             {"params": plain, "weight_decay": 0.0, "name": "no_decay"}],
+            device, lr=self.lr, betas=tuple(o.betas),
+        )
+        total = self.total_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
+        )
+        # LearningRateMonitor logs it as train/lr/decay and train/lr/no_decay (the groups' names).
+        return optimizer, {"scheduler": schedule, "interval": "step", "name": "train/lr"}
 
 
 def step_generator(

@@ -28,7 +28,7 @@ from typing import Dict, Optional, Set
 
 import pytorch_lightning as pl
 
-from nativetok.lit.guards import writing_logs
+from nativetok.lit.guards import logs_this_batch
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class LastCheckpoint(pl.Callback):
         self.signals: Set[int] = set()  # every stop signal received, to tell a time limit from a cancel
         self._previous_handlers: Dict[int, object] = {}
         self._saved_at: Optional[int] = None
+        self._logging = False  # this batch's step is logged (`logs_this_batch`)
 
     # -- signals -----------------------------------------------------------------------------------
     def _record(self, signum, frame) -> None:
@@ -104,6 +105,9 @@ class LastCheckpoint(pl.Callback):
         trainer.save_checkpoint(last, weights_only=False)
         self._saved_at = trainer.global_step
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        self._logging = logs_this_batch(trainer)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._stop_now(trainer):
             self.save(trainer)
@@ -123,7 +127,7 @@ class LastCheckpoint(pl.Callback):
         anyway: at most log_every_n_steps steps later, well inside SLURM's 90 s notice."""
         if trainer.world_size == 1:
             return self.received is not None
-        if not writing_logs(trainer):
+        if not self._logging:
             return False
         return self._agreed(trainer, self.received is not None)
 

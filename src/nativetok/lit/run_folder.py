@@ -48,7 +48,7 @@ from omegaconf import OmegaConf
 
 from nativetok.config.checks import ConfigError
 from nativetok.config.loading import from_container, to_container
-from nativetok.config.schema import ExperimentConfig
+from nativetok.config.schema import UNUSED_SECTIONS, ExperimentConfig
 from nativetok.lit.preemption import slurm_job_id
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,6 @@ SAFE_TO_CHANGE = (
     "sampling",
     "generator.tokenizer",
 )
-UNUSED_SECTIONS = {"tokenizer": ("generator", "sampling"), "generator": ("tokenizer", "loss", "growth")}
 ABSENT = "(absent)"
 
 

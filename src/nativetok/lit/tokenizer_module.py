@@ -19,12 +19,11 @@ import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from nativetok.config.loading import to_container
-from nativetok.config.schema import ExperimentConfig, GrowthStage
+from nativetok.config.schema import GrowthConfig, GrowthStage, TrainerConfig
 from nativetok.lit.ema import EMA
-from nativetok.lit.guards import StepGuard, fused_adamw, grad_scaler, writing_logs
+from nativetok.lit.guards import StepGuard, fused_adamw, grad_scaler, logs_this_batch
 from nativetok.lit.metrics import CodeUsage
-from nativetok.lit.optim import adamw_with_schedule, decay_split, step_generator
+from nativetok.lit.optim import Optimization, decay_split, step_generator
 from nativetok.losses.tokenizer_loss import TokenizerLoss
 from nativetok.models.graphs import EncoderGraph, encoder_key
 from nativetok.models.prefix_cache import FrozenPrefixCache
@@ -47,29 +46,37 @@ def migrate_state_dict(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 
 class TokenizerModule(pl.LightningModule):
-    def __init__(self, config: ExperimentConfig, tokenizer: NativeTokenizer, loss: TokenizerLoss):
+    """Given the built tokenizer and loss, and of the config only the sections it reads (the tokenizer's own
+    settings travel with the model as `tokenizer.config`); `config_record` is the whole experiment config as a
+    plain container, written into every checkpoint for the loaders and never read here."""
+
+    def __init__(self, tokenizer: NativeTokenizer, loss: TokenizerLoss, optimization: Optimization,
+                 growth: GrowthConfig, trainer: TrainerConfig, seed: int, config_record: Dict):
         super().__init__()
-        self.cfg = c = config
         self.automatic_optimization = False
         self.tokenizer = tokenizer
         self.loss = loss
-        self.ema = EMA(self.tokenizer, c.optim.ema_decay) if c.optim.ema_decay > 0 else None
+        self.optimization, self.growth, self.trainer_config, self.seed = optimization, growth, trainer, seed
+        self.config_record = config_record
+        ema_decay = optimization.optim.ema_decay
+        self.ema = EMA(self.tokenizer, ema_decay) if ema_decay > 0 else None
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
-        self.val_codes = CodeUsage(c.tokenizer.quantizer.codebook_size)
+        self.val_codes = CodeUsage(tokenizer.quantizer.codebook_size)
         # PSNR from the first k tokens (`val/psnr@k`), for every k validation can meet: the prefixes of every
         # active count the growth schedule passes through, and those counts themselves (k = all active).
-        counts = {c.tokenizer.num_tokens, *(stage.experts for stage in c.growth.stages)}
+        counts = {tokenizer.num_tokens, *(stage.experts for stage in growth.stages)}
         prefixes = counts.union(*(prefix_lengths(n) for n in counts))
         self.val_prefix_psnr = torch.nn.ModuleDict(
             {str(k): PeakSignalNoiseRatio(data_range=1.0) for k in sorted(prefixes)}
         )
         self.growth_stage = 0
         # Z and frozen experts' outputs per image view, used in growth stages that freeze the MIT.
-        self.prefix_cache = FrozenPrefixCache(int(c.growth.cache_gib * 2**30)) if c.growth.cache_gib > 0 else None
+        self.prefix_cache = FrozenPrefixCache(int(growth.cache_gib * 2**30)) if growth.cache_gib > 0 else None
         self.caching = False
-        self.loss_guard = StepGuard(c.trainer.max_nonfinite_steps, "autoencoder loss")
-        self.disc_guard = StepGuard(c.trainer.max_nonfinite_steps, "discriminator loss")
+        self.loss_guard = StepGuard(trainer.max_nonfinite_steps, "autoencoder loss")
+        self.disc_guard = StepGuard(trainer.max_nonfinite_steps, "discriminator loss")
+        self.writing_logs = False  # whether this batch's step is logged (`logs_this_batch`)
         self.restarted: Optional[Tensor] = None  # codes moved by the last dead-code restart (device count)
         # The encoder (MIT, token producer, quantizer) captured as CUDA graphs for the current HNT stage.
         self.encoder_graph: Optional[EncoderGraph] = None
@@ -77,7 +84,7 @@ class TokenizerModule(pl.LightningModule):
     def configure_model(self) -> None:
         """trainer.compile: compile the MIT and the decoder (fixed shapes); the experts' growing contexts
         and the discriminator stay eager."""
-        if self.cfg.trainer.compile:
+        if self.trainer_config.compile:
             self.tokenizer.mit.compile()
             self.tokenizer.decoder.compile()
 
@@ -91,11 +98,11 @@ class TokenizerModule(pl.LightningModule):
 
         Drawn from a generator seeded by (seed, step, rank): a resumed run draws what an unbroken one would.
         """
-        p = self.cfg.tokenizer.decoder.random_prefix
+        p = self.tokenizer.config.decoder.random_prefix
         if p <= 0:
             return None
         active = self.tokenizer.num_active
-        generator = step_generator(self.cfg.seed, self.global_step, self.global_rank, self.device)
+        generator = step_generator(self.seed, self.global_step, self.global_rank, self.device)
         lengths = torch.randint(1, active + 1, (batch,), device=self.device, generator=generator)
         use_prefix = torch.rand(batch, device=self.device, generator=generator) < p
         return torch.where(use_prefix, lengths, torch.full_like(lengths, active))
@@ -106,11 +113,11 @@ class TokenizerModule(pl.LightningModule):
         return decay_split(self.tokenizer.named_parameters(), NO_DECAY)
 
     def configure_optimizers(self):
-        autoencoder, schedule = adamw_with_schedule(self._autoencoder_groups(), self.cfg, self.device)
+        autoencoder, schedule = self.optimization.adamw_with_schedule(self._autoencoder_groups(), self.device)
         optimizers = [autoencoder]
         if self.loss.discriminator is not None:
             discriminator = [{"params": self.loss.discriminator.parameters(), "name": "discriminator"}]
-            lr = self.cfg.optim.disc_lr
+            lr = self.optimization.optim.disc_lr
             optimizers.append(fused_adamw(discriminator, self.device, lr=lr, betas=(0.5, 0.9), weight_decay=0.0))
         return optimizers, [schedule]
 
@@ -130,8 +137,8 @@ class TokenizerModule(pl.LightningModule):
     def enter_growth_stage(self, index: int, stage: GrowthStage, new_experts: range, grow: bool) -> List[str]:
         """Apply a stage of the schedule: grow the experts (on a transition), freeze, retarget the optimizer."""
         if grow:
-            generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 7919 + index)
-            self.tokenizer.grow(stage.experts, self.cfg.growth.init, generator)
+            generator = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + index)
+            self.tokenizer.grow(stage.experts, self.growth.init, generator)
             if self.ema is not None:
                 live, shadow = self.tokenizer.experts.experts, self.ema.shadow.experts.experts
                 self.ema.reset((shadow[i], live[i]) for i in new_experts)
@@ -170,6 +177,9 @@ class TokenizerModule(pl.LightningModule):
                      prefix, self.prefix_cache.max_bytes / 2**30)
 
     # -- training ----------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.writing_logs = logs_this_batch(self.trainer)
+
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         """One autoencoder step (and a discriminator step once the GAN is on), with no host sync:
         non-finite steps are skipped on the device (`StepGuard`), and logs are built only when written."""
@@ -184,7 +194,7 @@ class TokenizerModule(pl.LightningModule):
             autoencoder.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             grad_norm = self.loss_guard.before_step(
-                autoencoder.optimizer, loss, self.cfg.optim.grad_clip, grad_scaler(self.trainer), step
+                autoencoder.optimizer, loss, self.optimization.optim.grad_clip, grad_scaler(self.trainer), step
             )
             autoencoder.step()
         self.lr_schedulers().step()
@@ -194,14 +204,14 @@ class TokenizerModule(pl.LightningModule):
             logs.update(self._discriminator_step(discriminator, images, out))
         self._maintain_codebook(out, step)
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
-        if writing_logs(self.trainer):
+        if self.writing_logs:
             self._log_step(logs, out, grad_norm, cache)
         return loss.detach()
 
     def _forward(self, images: Tensor, cache: Optional[FrozenPrefixCache], views) -> TokenizerOutput:
         """The tokenizer's forward; the encoder replays a CUDA graph when `trainer.cuda_graphs` is on."""
         lengths = self._random_decode_lengths(images.shape[0])
-        if not (self.cfg.trainer.cuda_graphs and images.is_cuda and cache is None):
+        if not (self.trainer_config.cuda_graphs and images.is_cuda and cache is None):
             return self.tokenizer(images, lengths, cache, views)
         if self.encoder_graph is None or self.encoder_graph.key != encoder_key(self.tokenizer, images):
             self.encoder_graph = None  # free the old capture's memory before the new one takes its own
@@ -211,7 +221,7 @@ class TokenizerModule(pl.LightningModule):
 
     def _log_step(self, logs, out, grad_norm, cache) -> None:
         """The step's scalars, built only on steps whose logs are written (each costs a device read there)."""
-        stats = code_statistics(out.ids, self.cfg.tokenizer.quantizer.codebook_size)
+        stats = code_statistics(out.ids, self.tokenizer.quantizer.codebook_size)
         logs.update({
             "train/grad_norm": grad_norm,
             "train/codebook_usage": stats["usage"],
@@ -246,9 +256,9 @@ class TokenizerModule(pl.LightningModule):
         """Dead-code restart (`VectorQuantizer.maintain`) over the codes of every rank; vetoed on steps
         whose update was skipped as non-finite."""
         finite = None if self.loss_guard.skipped is None else self.loss_guard.skipped == 0
-        after = self.cfg.tokenizer.quantizer.restart_dead_after
+        after = self.tokenizer.config.quantizer.restart_dead_after
         restarted = self.tokenizer.quantizer.maintain(
-            out.ids, out.vectors, step, after, self.cfg.seed, self.all_gather, allowed=finite
+            out.ids, out.vectors, step, after, self.seed, self.all_gather, allowed=finite
         )
         if restarted is not None:
             self.restarted = restarted
@@ -287,7 +297,7 @@ class TokenizerModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The config as `hyper_parameters["config"]` (what loaders rebuild the models from) and the kind."""
-        checkpoint["hyper_parameters"] = {"config": to_container(self.cfg)}
+        checkpoint["hyper_parameters"] = {"config": self.config_record}
         checkpoint["nativetok"] = {"kind": "tokenizer", "version": __version__}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

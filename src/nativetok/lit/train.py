@@ -27,13 +27,14 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from nativetok.checkpoints import with_tokenizer_sizes
 from nativetok.config.checks import ConfigError, callback_class
-from nativetok.config.loading import to_yaml
+from nativetok.config.loading import to_container, to_yaml
 from nativetok.config.schema import ExperimentConfig
 from nativetok.data import ImageShardsDataModule, TokenShardsDataModule
 from nativetok.lit.callbacks import DataSkips, ExpertGrowth, ReconstructionGrid, SampleGrid, ValidationSummary
 from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, remove_staged_leftovers
 from nativetok.lit.console import progress
 from nativetok.lit.generator_module import GeneratorModule
+from nativetok.lit.optim import Optimization
 from nativetok.lit.preemption import LAST, PREVIOUS, REQUEUE_SIGNAL, LastCheckpoint
 from nativetok.lit.run_folder import RunLock, refuse_changed_config
 from nativetok.lit.tokenizer_module import TokenizerModule
@@ -156,14 +157,39 @@ def configured_callbacks(config: ExperimentConfig) -> List[pl.Callback]:
     return [callback_class(spec.class_path)(**spec.init_args) for spec in config.callbacks]
 
 
-def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_dir: Path) -> pl.Trainer:
+def training_callbacks(config: ExperimentConfig, run_dir: Path, extra: Sequence[pl.Callback] = (),
+                       lock: Optional[RunLock] = None) -> List[pl.Callback]:
+    """Every callback of a Trainer, built here, in the order they act.
+
+    Any trainer: the console (a bar on a terminal, else log lines), the learning rate of every optimizer, `extra`,
+    the config's `callbacks`, and last.ckpt with pre-emption (none in a fast dev run, which leaves the run's
+    checkpoints alone). A training run (given its folder's `lock`) adds the best checkpoint by validation loss,
+    the data skips and validation summaries, the lock, and its stage's own: the reconstruction grid and HNT's
+    growth in stage 1, the sample grid in stage 2.
+    """
     t = config.trainer
-    precision, precision_plugins = precision_settings(config)
-    console = progress(t.progress_bar, t.log_every_n_steps)  # a bar on a terminal, else log lines
-    # A fast dev run leaves the run's checkpoints alone: no last.ckpt (Lightning skips the best one itself).
+    run: List[pl.Callback] = []
+    growth: List[pl.Callback] = []  # after `extra`: a probe among them sees a stage change's work
+    if lock is not None:
+        run = [checkpoint_callback(run_dir), DataSkips(t.log_every_n_steps), ValidationSummary(), lock]
+        if config.stage == "tokenizer":
+            run.append(ReconstructionGrid(t.images_every_n_steps, run_dir / "reconstructions.png"))
+            growth = [ExpertGrowth(config.growth.stages)] if config.growth.stages else []
+        else:
+            run.append(SampleGrid(t.images_every_n_steps, run_dir / "samples.png", config.sampling.grid_per_class))
     last = [] if t.fast_dev_run else [
         LastCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, run_dir / "requeue.log")
     ]
+    return [progress(t.progress_bar, t.log_every_n_steps), pl.callbacks.LearningRateMonitor(),
+            *run, *extra, *growth, *configured_callbacks(config), *last]
+
+
+def build_trainer(config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback], run_dir: Path,
+                  lock: Optional[RunLock] = None) -> pl.Trainer:
+    """The Trainer of a config, with `training_callbacks` (a training run's too when given its `lock`)."""
+    t = config.trainer
+    precision, precision_plugins = precision_settings(config)
+    callbacks = training_callbacks(config, run_dir, extra_callbacks, lock)
     return pl.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
@@ -175,15 +201,14 @@ def build_trainer(config: ExperimentConfig, callbacks: List[pl.Callback], run_di
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=isinstance(console, ProgressBar),
+        enable_progress_bar=any(isinstance(callback, ProgressBar) for callback in callbacks),
         deterministic=t.deterministic,
         logger=make_logger(config, run_dir),
         fast_dev_run=t.fast_dev_run,
         limit_val_batches=t.limit_val_batches,
         accumulate_grad_batches=t.accumulate_grad_batches,
         profiler=make_profiler(config, run_dir),
-        callbacks=[console, pl.callbacks.LearningRateMonitor(),  # lr of every optimizer
-                   *callbacks, *configured_callbacks(config), *last],
+        callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *precision_plugins, *cluster_plugins()],
         default_root_dir=str(run_dir),
     )
@@ -201,15 +226,14 @@ def checkpoint_callback(run_dir: Path) -> ModelCheckpoint:
     )
 
 
-def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks: List[pl.Callback]):
-    """Build the trainer, take the run folder (rank 0), resolve the checkpoint to resume from and refuse it
-    when the config changed, then clear killed saves' leftovers and write the resolved config. Nothing is
-    written before the lock is taken and the config accepted. A fast dev run starts fresh and leaves the
-    folder's checkpoints and config.yaml as they were."""
+def _prepare_run(config: ExperimentConfig, extra_callbacks: Sequence[pl.Callback]):
+    """Build the trainer (with the run's callbacks), take the run folder (rank 0), resolve the checkpoint to
+    resume from and refuse it when the config changed, then clear killed saves' leftovers and write the resolved
+    config. Nothing is written before the lock is taken and the config accepted. A fast dev run starts fresh and
+    leaves the folder's checkpoints and config.yaml as they were."""
     run_dir = Path(config.run.dir)
     lock = RunLock(run_dir)
-    ours = [checkpoint_callback(run_dir), DataSkips(config.trainer.log_every_n_steps), ValidationSummary(), lock]
-    trainer = build_trainer(config, [*ours, *callbacks], run_dir)
+    trainer = build_trainer(config, extra_callbacks, run_dir, lock)
     if trainer.is_global_zero:
         lock.acquire()
     try:
@@ -229,15 +253,18 @@ def _prepare_run(config: ExperimentConfig, module: pl.LightningModule, callbacks
 def tokenizer_module(config: ExperimentConfig) -> TokenizerModule:
     """Stage 1's LightningModule around a tokenizer and its loss, built from the config once."""
     d = config.data
-    return TokenizerModule(config, build_tokenizer(config.tokenizer, d.image_size, d.channels),
-                           TokenizerLoss(config.loss, d.channels))
+    return TokenizerModule(build_tokenizer(config.tokenizer, d.image_size, d.channels),
+                           TokenizerLoss(config.loss, d.channels), Optimization.of(config), config.growth,
+                           config.trainer, config.seed, to_container(config))
 
 
 def generator_module(config: ExperimentConfig) -> GeneratorModule:
     """Stage 2's LightningModule around a generator of `generator.kind`, built from the config once (the sizes
     it leaves out read from its tokenizer)."""
     config = with_tokenizer_sizes(config)
-    return GeneratorModule(config, build_generator(config.generator, config.data.num_classes))
+    return GeneratorModule(build_generator(config.generator, config.data.num_classes), config.generator,
+                           config.sampling, Optimization.of(config), config.trainer, config.seed, config.data.index,
+                           config.run.dir, to_container(config))
 
 
 def _warn_late_stages(config: ExperimentConfig) -> None:
@@ -255,15 +282,9 @@ def train_tokenizer(
 ) -> Tuple[pl.Trainer, TokenizerModule]:
     """Stage 1 on the configured image shards, into `run.dir`; returns the trainer and the trained module."""
     pl.seed_everything(config.seed, workers=True)
-    run_dir = Path(config.run.dir)
     module = tokenizer_module(config)
-    callbacks: List[pl.Callback] = [
-        ReconstructionGrid(config.trainer.images_every_n_steps, run_dir / "reconstructions.png"), *extra_callbacks
-    ]
-    if config.growth.stages:
-        callbacks.append(ExpertGrowth(config.growth.stages))
-        _warn_late_stages(config)
-    trainer, resume = _prepare_run(config, module, callbacks)
+    _warn_late_stages(config)
+    trainer, resume = _prepare_run(config, extra_callbacks)
     if trainer.is_global_zero:
         sizes = ", ".join(f"{k} {v:,}" for k, v in module.tokenizer.parameter_counts().items())
         log.info("tokenizer '%s': %s parameters", config.tokenizer.kind, sizes)
@@ -277,15 +298,13 @@ def train_generator(
 ) -> Tuple[pl.Trainer, GeneratorModule]:
     """Stage 2 on the configured token shards, into `run.dir`; returns the trainer and the trained module."""
     pl.seed_everything(config.seed, workers=True)
-    run_dir = Path(config.run.dir)
     config = with_tokenizer_sizes(config)  # before anything reads them, and so the run's config.yaml holds them
     g = config.generator
     datamodule = TokenShardsDataModule(config.data, g.codebook_size, g.num_tokens, seed=config.seed)
     datamodule.check_index()
     module = generator_module(config)
     module.load_tokenizer()  # refuses a tokenizer that does not match, before any training
-    grid = SampleGrid(config.trainer.images_every_n_steps, run_dir / "samples.png", config.sampling.grid_per_class)
-    trainer, resume = _prepare_run(config, module, [grid, *extra_callbacks])
+    trainer, resume = _prepare_run(config, extra_callbacks)
     if trainer.is_global_zero:
         count = sum(p.numel() for p in module.generator.parameters())
         log.info("generator '%s': %s parameters", g.kind, f"{count:,}")

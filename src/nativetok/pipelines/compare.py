@@ -29,11 +29,15 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torchvision.utils import save_image
 
 from nativetok.checkpoints import file_sha256, load_generator, load_tokenizer, with_tokenizer_sizes
 from nativetok.config import load_config
 from nativetok.config.loading import load_preset, to_container
-from nativetok.config.schema import ComparePreset, ExperimentConfig
+from nativetok.config.schema import UNUSED_SECTIONS, ComparePreset, ExperimentConfig
 from nativetok.data.shards import (
     DatasetIndex,
     ShardEntry,
@@ -70,6 +74,9 @@ ARM_METRICS = {
     "kid_vs_real": ("KID vs real", 4), "class_accuracy": ("class accuracy", 3), "bits_per_token": ("bits/token", 3),
     "inception_fid": ("Inception FID", 2),
 }
+# What a preset's `paired` comparisons report: arm metrics, then their tokenizers' (key -> digits).
+PAIRED_ARM_METRICS = {PRIMARY: 2, "bits_per_token": 3}
+PAIRED_TOKENIZER_METRICS = {"psnr": 2, "adjacent_repeat_rate": 4, "distinct_ids_per_image": 2}
 TOKENIZER_METRICS = {
     "psnr": ("PSNR (dB)", 2), "rfd": ("rFD", 2), "adjacent_repeat_rate": ("adjacent repeats", 3),
     "distinct_ids_per_image": ("distinct ids", 2), "codebook_usage": ("codebook usage", 3),
@@ -144,10 +151,15 @@ def changed_config(saved: Dict, now: Dict, defaults: Dict, prefix: str) -> List[
 _NO_DEFAULT = object()
 
 
+def read_sections(config: ExperimentConfig) -> Dict:
+    """The config as a cell records it: the sections its stage reads, so that changing the other stage's (say a
+    generator setting) leaves finished tokenizers reusable."""
+    unused = UNUSED_SECTIONS[config.stage]
+    return {name: value for name, value in to_container(config).items() if name not in unused}
+
+
 def schema_defaults() -> Dict:
     """The experiment config's defaults, in the form a cell records its config."""
-    from omegaconf import OmegaConf
-
     return to_container(OmegaConf.structured(ExperimentConfig))
 
 
@@ -205,7 +217,7 @@ def compare(preset: str = "default", out: Path = Path("runs/compare"), seeds: Op
     """Run (or continue) the study of a preset in `jobs` lanes; returns what study.json holds."""
     path = preset_path(preset, "compare")
     settings = load_preset(path)
-    root = Path(out) / path.stem
+    root = Path(out).resolve() / path.stem  # cells record absolute paths: the same folder given either way matches
     root.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds) if seeds is not None else list(settings.seeds)
     used = sorted({arm.tokenizer for arm in settings.arms.values()}, key=list(settings.tokenizers).index)
@@ -440,7 +452,7 @@ def tokenizer_cell(settings: ComparePreset, study: Study, cell: Cell) -> Tuple[D
     folder, presets = cell.folder(study.root), study.preset.parent
     config = load_config(presets / settings.tokenizer_experiment, [
         f"seed={cell.seed}", f"run.dir={folder / 'run'}", *tokenizer_overrides(settings, presets, cell.name)])
-    inputs = {"config": to_container(config), "subset": subset_digest(study.subset),
+    inputs = {"config": read_sections(config), "subset": subset_digest(study.subset),
               "classifier": classifier_label(study)}
 
     def compute() -> Dict:
@@ -481,8 +493,6 @@ def plateau(run_dir: Path, max_steps: int) -> Dict:
 def measure_tokenizer(checkpoint: str, tokens: str, evaluation: EvaluationSet, classifier, folder: Path) -> Dict:
     """PSNR, rFD and FD-FMNIST from the first k tokens on the evaluation half; token statistics on the selection
     half. The reconstructions' features are kept for the arms that use this tokenizer."""
-    from safetensors.torch import save_file
-
     tokenizer = load_tokenizer(checkpoint, "cpu")
     ks = prefix_lengths(tokenizer.num_active)
     rebuilt = prefix_reconstructions(tokenizer, evaluation.images, ks)
@@ -508,7 +518,7 @@ def arm_cell(settings: ComparePreset, study: Study, cell: Cell, made: Dict) -> T
         f"data.index={made['tokens']}", f"generator.tokenizer={made['checkpoint']}",
         f"generator.token_order={arm.order}", f"generator.order_seed={settings.order_seed}", *settings.generator,
     ]))
-    inputs = {"config": to_container(config), "tokenizer": made, "samples": settings.samples,
+    inputs = {"config": read_sections(config), "tokenizer": made, "samples": settings.samples,
               "inception_images": settings.inception_images, "classifier": classifier_label(study)}
 
     def compute() -> Dict:
@@ -530,9 +540,6 @@ def best_checkpoint(run_dir: Path) -> Path:
 
 def measure_arm(folder: Path, config: ExperimentConfig, made: Dict, settings: ComparePreset,
                 evaluation: EvaluationSet, classifier, seed: int) -> Dict:
-    from safetensors.torch import load_file
-    from torchvision.utils import save_image
-
     checkpoint = best_checkpoint(folder / "generator")
     generator = load_generator(str(checkpoint))
     tokenizer = load_tokenizer(made["checkpoint"])
@@ -570,6 +577,8 @@ def inception_fid(samples: torch.Tensor, real: torch.Tensor, count: int) -> floa
 def verdict(differences: Dict[str, PairedDifference]) -> str:
     """The decision rule of docs/study.md on the three paired differences of the primary metric."""
     signs = [differences[f"{a} - {b}"].sign() for a, b in DECISION_PAIRS if f"{a} - {b}" in differences]
+    if not signs:
+        return "none (the preset holds no arm pair of the decision rule)"
     if len(signs) < len(DECISION_PAIRS):
         return "undecided (the preset lacks an arm of the decision rule, or a seed)"
     if all(s < 0 for s in signs):
@@ -577,6 +586,27 @@ def verdict(differences: Dict[str, PairedDifference]) -> str:
     if all(s > 0 for s in signs):
         return "refuted"
     return "undecided"
+
+
+def paired_comparisons(settings: ComparePreset, tokenizers: Dict[str, List[Dict]], arms: Dict[str, List[Dict]]
+                       ) -> Dict[str, Dict[str, Tuple[PairedDifference, int]]]:
+    """The preset's `paired` arms, metric by metric: (paired difference, digits), keyed "a - b"."""
+    comparisons = {}
+    for a, b in settings.paired:
+        if a not in arms or b not in arms:
+            continue
+        rows = {side: (arms[side], tokenizers[settings.arms[side].tokenizer]) for side in (a, b)}
+        metrics = {m: (PairedDifference.of(*[[r[m] for r in rows[side][0]] for side in (a, b)]), digits)
+                   for m, digits in PAIRED_ARM_METRICS.items()}
+        metrics.update({m: (PairedDifference.of(*[[r[m] for r in rows[side][1]] for side in (a, b)]), digits)
+                        for m, digits in PAIRED_TOKENIZER_METRICS.items()})
+        comparisons[f"{a} - {b}"] = metrics
+    return comparisons
+
+
+def as_record(difference: PairedDifference) -> Dict:
+    return {"values": list(difference.differences), "mean": difference.summary.mean,
+            "interval": list(difference.interval())}
 
 
 def reading(a: str, b: str, difference: PairedDifference) -> str:
@@ -593,6 +623,7 @@ def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List
     differences = {f"{a} - {b}": PairedDifference.of([r[PRIMARY] for r in arms[a]], [r[PRIMARY] for r in arms[b]])
                    for a, b in DECISION_PAIRS if a in arms and b in arms}
     decision = verdict(differences)
+    comparisons = paired_comparisons(settings, tokenizers, arms)
     lines = [f"Seeds {seeds} (paired); {settings.samples} samples an arm and seed against {settings.evaluation_images} "
              f"evaluation images; features: {classifier}. Mean ± sd over seeds.", "",
              "| arm | tokenizer | order | " + " | ".join(label for label, _ in ARM_METRICS.values()) + " |",
@@ -610,8 +641,14 @@ def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List
         cells.append(f"{runs[0]['parameters']:,}")
         plateaued = sum(bool(r["plateaued"]) for r in runs)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {plateaued} of {len(runs)} |")
-    lines += ["", f"Paired differences of {ARM_METRICS[PRIMARY][0]} (negative: the first arm is better):", ""]
-    lines += [f"- {reading(*key.split(' - '), d)}" for key, d in differences.items()]
+    if differences:
+        lines += ["", f"Paired differences of {ARM_METRICS[PRIMARY][0]} (negative: the first arm is better):", ""]
+        lines += [f"- {reading(*key.split(' - '), d)}" for key, d in differences.items()]
+    if comparisons:
+        lines += ["", "Paired comparisons of the preset (first minus second, 95% t-intervals):", ""]
+        lines += [f"- `{key}`: " + "; ".join(f"{ARM_METRICS.get(m, TOKENIZER_METRICS.get(m))[0]} {d.text(digits)}"
+                                             for m, (d, digits) in metrics.items())
+                  for key, metrics in comparisons.items()]
     lines += ["", f"**Verdict (docs/study.md): {decision}.**", "",
               f"Time: training of the finished cells, summed: {timing['training_minutes']:.0f} min; this run's wall "
               f"time: {timing['wall_minutes']:.0f} min in {timing['lanes']} lane(s), computing "
@@ -619,9 +656,9 @@ def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List
     text = "\n".join(lines) + "\n"
     (root / "study.md").write_text(text)
     report = {"seeds": seeds, "verdict": decision, **timing, "classifier": classifier,
-              "differences": {k: {"values": list(d.differences), "mean": d.summary.mean,
-                                  "interval": list(d.interval())}
-                              for k, d in differences.items()},
+              "differences": {k: as_record(d) for k, d in differences.items()},
+              "paired": {key: {m: as_record(d) for m, (d, _) in metrics.items()}
+                         for key, metrics in comparisons.items()},
               "arms": arms, "tokenizers": tokenizers}
     (root / "study.json").write_text(json.dumps(report, indent=1) + "\n")
     mean = lambda rows: [sum(column) / len(column) for column in zip(*rows)]  # noqa: E731
@@ -639,8 +676,6 @@ def write_report(root: Path, settings: ComparePreset, tokenizers: Dict[str, List
 
 def plot_plateaus(tokenizers: Dict[str, List[Dict]]):
     """Validation PSNR against steps, a line per tokenizer and seed: the curves behind the plateau check."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(6, 3.5), dpi=100)
     axis = figure.subplots()
     for name, runs in tokenizers.items():

@@ -26,6 +26,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from nativetok.checkpoints import (
     CONFIG_FILE,
@@ -258,10 +259,6 @@ def _unknown_files(folder: Path, allowed: tuple) -> list:
 
 
 def _save_weights(tensors: dict, path: Path, kind: str) -> str:
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise CheckpointError("export writes safetensors: pip install safetensors") from None
     save_file(tensors, str(path), metadata={"format": "pt", "nativetok_kind": kind})
     return file_sha256(path)
 
