@@ -252,7 +252,6 @@ def _weights_problem(weights: Path, data_digest: str) -> Optional[str]:
 
 def _save(weights: Path, network: FmnistNet, provenance: Dict) -> None:
     """The weights as safetensors, then the provenance recording their sha256 (each written atomically)."""
-
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
     with atomic_open(weights) as file:
         file.write(save(state, metadata={"metric": METRIC, "recipe_version": str(RECIPE_VERSION)}))
@@ -263,7 +262,6 @@ def _save(weights: Path, network: FmnistNet, provenance: Dict) -> None:
 
 def _load(weights: Path, device: str) -> FeatureClassifier:
     """The verified weights file as a FeatureClassifier (safetensors: plain tensors, no pickle)."""
-
     network = FmnistNet()
     try:
         network.load_state_dict(load_file(weights))

@@ -591,17 +591,13 @@ def verdict(differences: Dict[str, PairedDifference]) -> str:
 def paired_comparisons(settings: ComparePreset, tokenizers: Dict[str, List[Dict]], arms: Dict[str, List[Dict]]
                        ) -> Dict[str, Dict[str, Tuple[PairedDifference, int]]]:
     """The preset's `paired` arms, metric by metric: (paired difference, digits), keyed "a - b"."""
-    comparisons = {}
-    for a, b in settings.paired:
-        if a not in arms or b not in arms:
-            continue
-        rows = {side: (arms[side], tokenizers[settings.arms[side].tokenizer]) for side in (a, b)}
-        metrics = {m: (PairedDifference.of(*[[r[m] for r in rows[side][0]] for side in (a, b)]), digits)
-                   for m, digits in PAIRED_ARM_METRICS.items()}
-        metrics.update({m: (PairedDifference.of(*[[r[m] for r in rows[side][1]] for side in (a, b)]), digits)
-                        for m, digits in PAIRED_TOKENIZER_METRICS.items()})
-        comparisons[f"{a} - {b}"] = metrics
-    return comparisons
+    def values(metric: str, arm: str) -> List[float]:
+        runs = arms[arm] if metric in PAIRED_ARM_METRICS else tokenizers[settings.arms[arm].tokenizer]
+        return [r[metric] for r in runs]
+
+    return {f"{a} - {b}": {m: (PairedDifference.of(values(m, a), values(m, b)), digits)
+                           for m, digits in {**PAIRED_ARM_METRICS, **PAIRED_TOKENIZER_METRICS}.items()}
+            for a, b in settings.paired}
 
 
 def as_record(difference: PairedDifference) -> Dict:
