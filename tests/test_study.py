@@ -228,3 +228,19 @@ def test_a_cell_records_only_the_sections_its_stage_reads_so_a_generator_change_
     assert changed_inputs({"config": recorded}, {"config": tokenizer}) == []
     recorded["tokenizer"]["num_tokens"] += 1  # what the tokenizer reads still counts
     assert changed_inputs({"config": recorded}, {"config": tokenizer}) == ["config.tokenizer.num_tokens"]
+
+
+def lane_start_method() -> str:
+    import multiprocessing
+
+    return multiprocessing.get_start_method()
+
+
+def test_a_lane_starts_its_data_workers_as_the_platform_does_not_by_spawning_again():
+    import multiprocessing
+
+    from nativetok.pipelines.compare import lanes
+
+    platform_default = multiprocessing.get_context().get_start_method()
+    with lanes(2) as pool:
+        assert pool.submit(lane_start_method).result() == platform_default

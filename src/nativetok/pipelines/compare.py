@@ -354,7 +354,12 @@ class InlineLane:
 
 
 def lane_started(threads: int, level: int) -> None:
+    """A lane's threads and log format. A spawned process inherits `spawn` as its start method, so its own children
+    (each DataLoader's workers, started again for every validation and epoch) would import torch afresh, about 5 s
+    of CPU each (some 17 minutes of a 2-core `make compare`): they start as the platform's default instead, as in
+    `nativetok train`."""
     torch.set_num_threads(threads)
+    multiprocessing.set_start_method(None, force=True)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [lane %(process)d] %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
