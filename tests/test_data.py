@@ -20,6 +20,7 @@ from nativetok.data.fmnist import DEBIAN_DIR, load_split, locate_files, pad_to
 from nativetok.data.folders import shard_folder
 from nativetok.data.shards import encode_image, write_shard
 from nativetok.data.stream import DataError, ShardSpec, ShardStream, SkipCounts
+from nativetok.data.tokens import decode_ids, encode_ids
 from nativetok.data.transforms import ImageDecoder
 
 
@@ -304,3 +305,32 @@ def test_a_killed_fmnist_rebuild_leaves_no_index_to_vouch_for_mixed_shards(tmp_p
             with tarfile.open(path) as tar:
                 png = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png"))
             assert Image.open(io.BytesIO(png)).size == (32, 32), path
+
+
+def npy_bytes(array, **options) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.asarray(array), **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_token_ids_decode_as_numpy_loads_them_in_every_npy_version(version):
+    arrays = [np.arange(16, dtype=np.uint16), np.arange(12, dtype=np.int32).reshape(3, 4),
+              np.asfortranarray(np.arange(12, dtype=np.int64).reshape(3, 4)), np.zeros(0, np.uint16)]
+    for array in arrays:
+        data = npy_bytes(array, version=version)
+        decoded, loaded = decode_ids(data), np.load(io.BytesIO(data), allow_pickle=False)
+        assert decoded.dtype == loaded.dtype and decoded.shape == loaded.shape
+        assert np.array_equal(decoded, loaded)
+    assert np.array_equal(decode_ids(encode_ids(np.array([3, 70000]))), [3, 70000])
+
+
+def test_token_ids_that_need_pickle_are_cut_short_or_are_not_npy_are_refused():
+    objects = npy_bytes(np.array([1, "a"], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="without pickle"):
+        decode_ids(objects)
+    with pytest.raises(ValueError, match="smaller"):
+        decode_ids(npy_bytes(np.arange(16, dtype=np.uint16))[:-2])
+    for junk in (b"", b"PK\x03\x04 a zip, not an array"):
+        with pytest.raises(ValueError, match="magic"):
+            decode_ids(junk)
