@@ -20,7 +20,7 @@ import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: `benchmarks` is imported from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -193,32 +193,38 @@ def rows_sampling(device: torch.device, lengths, batch: int, width: int, depth: 
             for name, graph in modes.items():
                 rates[name] = sampling_throughput(model, batch, 2.0, device, graph=graph, repeats=2)
                 tokens[name] = model.sample(labels, cfg_scale=2.0, seed=0, graph=graph)
-        same = all(torch.equal(t, tokens["eager"]) for t in tokens.values())
+        # Graphed and eager decode steps may use other kernels (bf16 sums in another order): a last-bit change in
+        # the logits can flip one draw, and every later token of that row differs too.
+        same = min(float((t == tokens["eager"]).all(1).float().mean()) for t in tokens.values())
         detail = ", ".join(f"{n} {r:.0f} tok/s" for n, r in rates.items())
         target = on_gpu(device, targets[length]) if length in targets else None
         rows.append(Row(f"AR sampling {length} tokens (width {width}, depth {depth}, batch {batch}, CFG 2, bf16)",
                         max(rates.values()), unit="tok/s", target=target,
-                        detail=f"{detail}; identical tokens: {same}").check())
+                        detail=f"{detail}; rows with the eager tokens: {same:.0%}").check())
         del model
         release_memory()
     return rows
 
 
-def run(out: Path, device: torch.device, quick: bool) -> List[Row]:
+SECTIONS = ("steps", "growth", "encode", "sampling")
+
+
+def run(out: Path, device: torch.device, quick: bool, repeats: Optional[int] = None,
+        sections: Sequence[str] = SECTIONS) -> List[Row]:
     experiment, batch = (TINY, 8) if quick else (L32, 32)
-    repeats = 3 if quick else 10
+    repeats = repeats or (3 if quick else 10)
     rows: List[Row] = []
     peak = gemm_flops_per_second(device, 1024 if quick else 8192, repeats)
     rows.append(Row(f"bf16 GEMM {1024 if quick else 8192}^3", peak / 1e12, unit="TFLOP/s"))
-    sections = [
-        lambda: rows_steps(experiment, batch, device, peak, repeats),
-        lambda: rows_growth(experiment, batch, device, repeats),
-        lambda: rows_encode(experiment, 16 if quick else 256, device, repeats),
-        lambda: rows_sampling(device, (16,) if quick else (64, 256), 4 if quick else 64,
-                              *((64, 2, 2) if quick else (768, 12, 12))),
-    ]
+    measure = {
+        "steps": lambda: rows_steps(experiment, batch, device, peak, repeats),
+        "growth": lambda: rows_growth(experiment, batch, device, repeats),
+        "encode": lambda: rows_encode(experiment, 16 if quick else 256, device, repeats),
+        "sampling": lambda: rows_sampling(device, (16,) if quick else (64, 256), 4 if quick else 64,
+                                          *((64, 2, 2) if quick else (768, 12, 12))),
+    }
     for section in sections:
-        rows += section()
+        rows += measure[section]()
         report(rows, out, device=str(device))
         log.info("\n%s", table(rows))
     return rows
@@ -232,13 +238,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="runs/bench/bench_gpu.json")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test of the code)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats a measurement (default 10, 3 with --quick); fewer fit a short GPU lease")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, in this order or any other: {','.join(SECTIONS)}")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        parser.error(f"--sections: unknown {unknown}; choose from {','.join(SECTIONS)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here: `make bench` measures the CPU")
     context = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
     with context:
-        rows = run(Path(args.out), device, args.quick)
+        rows = run(Path(args.out), device, args.quick, args.repeats, sections)
     print(table(rows))
     print(json.dumps({"torch": torch.__version__, "device": str(device)}))
     return 0

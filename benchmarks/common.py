@@ -217,9 +217,10 @@ def train_steps(experiment: str, batch: int, timer: StepTimer, overrides: Sequen
         if synthetic:
             index = synthetic_shards(Path(folder) / "shards", batch * synthetic, base.data.image_size,
                                      base.data.channels, base.data.num_classes)
-            # At L-32 sizes a forked data worker doubles the memory: it shares the weights' pages, which the
-            # optimizer's first step then copies (copy-on-write). The synthetic batches load in the step's process.
-            workers = 0 if experiment == L32 else 1
+            # At L-32 sizes on a CPU a forked data worker doubles the memory: it shares the weights' pages, which
+            # the optimizer's first step then copies (copy-on-write); there the synthetic batches load in the
+            # step's process. On a GPU the weights live on the device and the experiment's workers decode.
+            workers = base.data.num_workers if cuda else 0 if experiment == L32 else 1
             data = [f"data.index={index}", "data.hflip=false", f"data.shuffle_buffer={batch}",
                     f"data.num_workers={workers}"]
         steps = timer.warmup + timer.steps + 1

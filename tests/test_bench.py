@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.bench_gpu import main as bench_gpu
 from benchmarks.common import TINY, StepTimer, train_steps
 
@@ -28,3 +30,14 @@ def test_the_gpu_bench_runs_every_section_at_tiny_shapes_on_cpu(tmp_path, fmnist
                      "growth step / full step", "encode, nativetok", "AR sampling", "Lightning loop"):
         assert any(expected in name for name in names), expected
     assert (tmp_path / "bench_gpu.md").read_text().startswith("| measurement |")
+
+
+def test_the_gpu_bench_measures_only_the_sections_asked_for_and_refuses_unknown_ones(tmp_path, capsys):
+    out = tmp_path / "bench_gpu.json"
+    assert bench_gpu(["--device", "cpu", "--quick", "--sections", "sampling", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"].split(" ")[0] for r in rows] == ["bf16", "AR"]
+    assert "rows with the eager tokens: 100%" in rows[1]["detail"]
+    with pytest.raises(SystemExit) as refused:
+        bench_gpu(["--device", "cpu", "--quick", "--sections", "sampling,warp", "--out", str(out)])
+    assert refused.value.code == 2 and "unknown ['warp']" in capsys.readouterr().err
