@@ -105,7 +105,7 @@ eval-fid: | $(STAMP)  ## rFID of CKPT (a tokenizer) and, with GEN=..., gFID of i
 		--data $(if $(DATA),$(DATA),$(FMNIST)) \
 		$(if $(NUM),--num $(NUM)) $(if $(REF_STATS),--ref-stats $(REF_STATS)) --out runs/eval/fid.json
 
-compare: $(FMNIST)  ## the token-order study of docs/study.md: NativeTok vs parallel tokens and the order controls (PRESET=default|long|extended|growth_init|quick|full)
+compare: $(FMNIST)  ## the token-order study of docs/study.md: NativeTok vs parallel tokens and the order controls (PRESET=default|long|plateau|extended|growth_init|quick|full)
 	$(NATIVETOK) compare --preset $(PRESET)
 
 ablate: $(FMNIST)  ## HNT ablation on the default data: variants x seeds, prefix PSNR (ABLATION=hnt)

@@ -243,6 +243,8 @@ def test_every_callback_of_a_trainer_and_of_a_training_run_comes_from_one_functi
                           "RunLock", "ReconstructionGrid", "Callback", "ExpertGrowth", "EarlyStopping",
                           "LastCheckpoint"]
     assert isinstance(run[6], ReconstructionGrid) and isinstance(run[8], ExpertGrowth)
+    stopping = training_callbacks(tiny_config("trainer.plateau_min_gain_db=0.1"), tmp_path, (), RunLock(tmp_path))
+    assert kinds(stopping)[4:8] == ["ValidationSummary", "RunLock", "ReconstructionGrid", "PlateauStop"]
     generator = tiny_generator_config(tmp_path, "ar", "trainer.fast_dev_run=true")  # no last.ckpt in a dev run
     stage2 = training_callbacks(generator, tmp_path, (), RunLock(tmp_path))
     assert any(isinstance(c, SampleGrid) for c in stage2) and not any(isinstance(c, LastCheckpoint) for c in stage2)

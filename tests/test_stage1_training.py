@@ -224,3 +224,41 @@ def test_the_prefix_cache_changes_nothing_but_the_work_done(tiny_config, tmp_pat
     for name, value in cached_module.tokenizer.named_parameters():
         scale = expected[name].abs().max().item()  # tolerance of the tensor's magnitude: sums in another order
         assert torch.allclose(value, expected[name], rtol=1e-4, atol=1e-5 * scale), name
+
+
+def test_plateau_gain_is_the_psnr_gained_over_the_last_fifth_of_the_steps():
+    from nativetok.lit.callbacks import plateau_gain
+
+    assert plateau_gain([]) is None
+    assert plateau_gain([(10, 15.0)]) == 0.0
+    curve = [(100, 14.0), (200, 15.0), (300, 16.0), (400, 16.5), (500, 16.55)]
+    assert plateau_gain(curve) == pytest.approx(0.05)  # 500 against 400, the last point at or before 80%
+    assert plateau_gain(curve[:4]) == pytest.approx(0.5)  # 400 against 300 (320 is 80%)
+    assert plateau_gain(curve[:3]) == pytest.approx(1.0)  # 300 against 200 (240 is 80%)
+
+
+def test_a_run_stops_at_its_plateau_records_it_and_stays_stopped_when_run_again(tiny_config, tmp_path):
+    """A gain threshold no run can reach stops at the first validation from plateau_min_steps on; the stop is
+    recorded, counts as finished for a study, and the same command again trains no further step."""
+    from nativetok.lit.callbacks import stopped_at_plateau
+    from nativetok.pipelines.runs import _finished
+
+    config = tiny_config("growth.stages=[]", "trainer.max_steps=12", "trainer.val_every_n_steps=2",
+                         "trainer.plateau_min_gain_db=1000", "trainer.plateau_min_steps=5", "data.val_samples=16")
+    run_dir = Path(config.run.dir)
+    steps = Recorder()
+    train_tokenizer(config, [steps])
+    assert max(steps.losses) == 6 == stopped_at_plateau(run_dir)  # validations at 2, 4, 6: 6 is >= 5
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 6 and _finished(run_dir, config.trainer.max_steps)
+    again = Recorder()
+    train_tokenizer(config, [again])
+    assert again.losses == {} and stopped_at_plateau(run_dir) == 6
+
+
+def test_no_plateau_stop_comes_before_plateau_min_steps(tiny_config):
+    config = tiny_config("growth.stages=[]", "trainer.max_steps=8", "trainer.val_every_n_steps=2",
+                         "trainer.plateau_min_gain_db=1000", "trainer.plateau_min_steps=7", "data.val_samples=16")
+    steps = Recorder()
+    train_tokenizer(config, [steps])
+    assert sorted(steps.losses) == list(range(1, 9))  # validations at 2, 4 and 6 are before step 7

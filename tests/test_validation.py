@@ -64,6 +64,20 @@ def test_every_float_of_the_schema_must_be_finite(key, value):
     assert len(lines) == 1 and "finite number" in lines[0] and "command line" in lines[0]  # one message, not two
 
 
+@pytest.mark.parametrize("experiment, overrides, problem", [
+    (STAGE1, ["trainer.plateau_min_gain_db=0"], "trainer.plateau_min_gain_db: must be a gain in dB > 0"),
+    (STAGE1, ["trainer.plateau_min_gain_db=0.1", "trainer.limit_val_batches=0"],
+     "trainer.plateau_min_gain_db: needs validation"),
+    (STAGE1, ["trainer.plateau_min_gain_db=0.1", "trainer.plateau_min_steps=6000"],
+     "trainer.plateau_min_steps: 6000 is beyond trainer.max_steps 5000"),
+    (STAGE1, ["trainer.plateau_min_steps=-1"], "trainer.plateau_min_steps: must be a step count >= 0"),
+    (STAGE2, ["trainer.plateau_min_gain_db=0.1"], "trainer.plateau_min_gain_db: watches stage 1's validation PSNR"),
+])
+def test_a_plateau_stop_that_cannot_act_is_refused_naming_its_key(experiment, overrides, problem):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_config(experiment, overrides)
+
+
 @pytest.mark.parametrize("devices", ["0", "'0'", "[]", "-2", "[-1]", "true"])
 def test_trainer_devices_must_name_at_least_one_device(devices):
     with pytest.raises(ConfigError, match="trainer.devices: must be auto, a positive count or a non-empty list"):

@@ -147,6 +147,7 @@ def check_trainer(c: ExperimentConfig) -> Check:
         yield "trainer.cuda_graphs", "needs a CUDA device (trainer.accelerator gpu or auto)"
     if t.cuda_graphs and c.stage != "tokenizer":
         yield "trainer.cuda_graphs", "captures the stage-1 encoder; stage 2 training does not use it"
+    yield from _plateau_stop(c)
     if t.strategy not in STRATEGIES:
         yield "trainer.strategy", (
             f"must be one of {', '.join(STRATEGIES)} (what this project sets up and tests); got '{t.strategy}'"
@@ -172,6 +173,22 @@ def check_trainer(c: ExperimentConfig) -> Check:
 def is_count(value: Any) -> bool:
     """A whole number of steps or batches (not a bool, not a fraction)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _plateau_stop(c: ExperimentConfig) -> Check:
+    t = c.trainer
+    if not is_count(t.plateau_min_steps):
+        yield "trainer.plateau_min_steps", f"must be a step count >= 0; got {t.plateau_min_steps!r}"
+    if t.plateau_min_gain_db is None:
+        return
+    if not t.plateau_min_gain_db > 0:
+        yield "trainer.plateau_min_gain_db", f"must be a gain in dB > 0 (or null: no stop); got {t.plateau_min_gain_db}"
+    if c.stage != "tokenizer":
+        yield "trainer.plateau_min_gain_db", "watches stage 1's validation PSNR; stage 2 trains for max_steps"
+    if t.limit_val_batches == 0:
+        yield "trainer.plateau_min_gain_db", "needs validation (trainer.limit_val_batches is 0)"
+    if is_count(t.plateau_min_steps) and t.plateau_min_steps > t.max_steps:
+        yield "trainer.plateau_min_steps", f"{t.plateau_min_steps} is beyond trainer.max_steps {t.max_steps}"
 
 
 def _trainer_debugging(c: ExperimentConfig) -> Check:

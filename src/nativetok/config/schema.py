@@ -106,6 +106,11 @@ class TrainerConfig:
     # A non-finite loss skips its step; this many in a row stop the run.
     max_nonfinite_steps: int = 10
     compile: bool = False
+    # Stage 1: stop once validation PSNR gains less than this many dB over the last 20% of the steps (the
+    # plateau check of docs/study.md, applied at each validation from plateau_min_steps on); max_steps stays
+    # the cap. null: train for max_steps.
+    plateau_min_gain_db: Optional[float] = None
+    plateau_min_steps: int = 0
     # Stage 1 on a CUDA device: replay the encoder (MIT, experts, quantizer) forward and backward as CUDA
     # graphs, captured once per growth stage; it removes the host's per-op cost of the sequential experts.
     cuda_graphs: bool = False

@@ -1,4 +1,5 @@
-"""Callbacks: the Hierarchical Native Training schedule, reconstruction grids and sample grids."""
+"""Callbacks: the Hierarchical Native Training schedule, reconstruction grids and sample grids, validation
+summaries and the stop at a plateau."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -22,6 +23,9 @@ from nativetok.models.tokenizer import prefix_lengths
 log = logging.getLogger(__name__)
 
 VALIDATION_LOG = "validation.jsonl"
+PLATEAU_RECORD = "plateau.json"  # written by PlateauStop when it ends a run: the step and the gain it stopped at
+PLATEAU_WINDOW = 0.2  # the plateau check looks at the validation PSNR gained over the last 20% of the steps
+PLATEAU_DB = 0.1  # ... and counts a run as at a plateau below this gain (docs/study.md)
 MAX_NAME = 24  # characters of a class name shown in a sample grid's label (ImageNet's run long)
 
 
@@ -248,3 +252,57 @@ def validation_curve(run_dir: Path) -> List[dict]:
             record = json.loads(line)
             records[record["step"]] = record
     return [records[step] for step in sorted(records)]
+
+
+def psnr_curve(run_dir: Path) -> List[Tuple[int, float]]:
+    """(step, validation PSNR) of a stage-1 run, in step order."""
+    return [(r["step"], r["psnr"]) for r in validation_curve(run_dir) if "psnr" in r]
+
+
+def plateau_gain(curve: Sequence[Tuple[int, float]]) -> Optional[float]:
+    """The plateau check's gain: the last PSNR of the curve minus the last one at or before 80% of its last step
+    (the first point when there is none); None for an empty curve."""
+    if not curve:
+        return None
+    earlier = [point for point in curve if point[0] <= (1 - PLATEAU_WINDOW) * curve[-1][0]]
+    return curve[-1][1] - (earlier[-1] if earlier else curve[0])[1]
+
+
+def stopped_at_plateau(run_dir: Path) -> Optional[int]:
+    """The step at which PlateauStop ended the run in `run_dir`, or None if it did not."""
+    record = Path(run_dir) / PLATEAU_RECORD
+    return int(json.loads(record.read_text())["step"]) if record.is_file() else None
+
+
+class PlateauStop(pl.Callback):
+    """Ends stage 1 once validation PSNR gains less than `min_gain_db` over the last 20% of the steps so far
+    (the plateau check, applied at every validation from `min_steps` on); trainer.max_steps stays the cap.
+
+    It reads the curve ValidationSummary writes (so it comes after it) and the run keeps across resumes, so a
+    resumed run that had stopped stops again at once. The stop is recorded in plateau.json: a study takes the
+    run as finished, not as interrupted. Every rank follows rank zero's decision.
+    """
+
+    def __init__(self, run_dir: Path, min_gain_db: float, min_steps: int):
+        self.run_dir, self.min_gain_db, self.min_steps = Path(run_dir), min_gain_db, min_steps
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._decide(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._decide(trainer)
+
+    def _decide(self, trainer: pl.Trainer) -> None:
+        curve = psnr_curve(self.run_dir) if trainer.is_global_zero else []
+        gain = plateau_gain(curve)
+        stop = (gain is not None and curve[-1][0] == trainer.global_step >= self.min_steps
+                and gain < self.min_gain_db)
+        if trainer.strategy.broadcast(stop):
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                log.info("plateau at step %d: validation PSNR gained %.3f dB over the last %d%% of the steps "
+                         "(< %g): training stops", trainer.global_step, gain, round(PLATEAU_WINDOW * 100),
+                         self.min_gain_db)
+                (self.run_dir / PLATEAU_RECORD).write_text(json.dumps(
+                    {"step": trainer.global_step, "gain_db": gain, "min_gain_db": self.min_gain_db}) + "\n")

@@ -30,7 +30,14 @@ from nativetok.config.checks import ConfigError, callback_class
 from nativetok.config.loading import to_container, to_yaml
 from nativetok.config.schema import ExperimentConfig
 from nativetok.data import ImageShardsDataModule, TokenShardsDataModule
-from nativetok.lit.callbacks import DataSkips, ExpertGrowth, ReconstructionGrid, SampleGrid, ValidationSummary
+from nativetok.lit.callbacks import (
+    DataSkips,
+    ExpertGrowth,
+    PlateauStop,
+    ReconstructionGrid,
+    SampleGrid,
+    ValidationSummary,
+)
 from nativetok.lit.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, remove_staged_leftovers
 from nativetok.lit.console import progress
 from nativetok.lit.generator_module import GeneratorModule
@@ -164,8 +171,8 @@ def training_callbacks(config: ExperimentConfig, run_dir: Path, extra: Sequence[
     Any trainer: the console (a bar on a terminal, else log lines), the learning rate of every optimizer, `extra`,
     the config's `callbacks`, and last.ckpt with pre-emption (none in a fast dev run, which leaves the run's
     checkpoints alone). A training run (given its folder's `lock`) adds the best checkpoint by validation loss,
-    the data skips and validation summaries, the lock, and its stage's own: the reconstruction grid and HNT's
-    growth in stage 1, the sample grid in stage 2.
+    the data skips and validation summaries, the lock, and its stage's own: the reconstruction grid, the stop at
+    a plateau and HNT's growth in stage 1, the sample grid in stage 2.
     """
     t = config.trainer
     run: List[pl.Callback] = []
@@ -174,6 +181,8 @@ def training_callbacks(config: ExperimentConfig, run_dir: Path, extra: Sequence[
         run = [checkpoint_callback(run_dir), DataSkips(t.log_every_n_steps), ValidationSummary(), lock]
         if config.stage == "tokenizer":
             run.append(ReconstructionGrid(t.images_every_n_steps, run_dir / "reconstructions.png"))
+            if t.plateau_min_gain_db is not None:  # after ValidationSummary, whose curve it reads
+                run.append(PlateauStop(run_dir, t.plateau_min_gain_db, t.plateau_min_steps))
             growth = [ExpertGrowth(config.growth.stages)] if config.growth.stages else []
         else:
             run.append(SampleGrid(t.images_every_n_steps, run_dir / "samples.png", config.sampling.grid_per_class))

@@ -55,7 +55,7 @@ from nativetok.eval.samples import balanced_labels, generate_images, to_uint8
 from nativetok.eval.statistics import PairedDifference, Summary
 from nativetok.eval.token_metrics import dependency_report, held_out_tokens, sequence_statistics
 from nativetok.io import atomic_open
-from nativetok.lit.callbacks import validation_curve
+from nativetok.lit.callbacks import PLATEAU_DB, plateau_gain, psnr_curve
 from nativetok.lit.figures import position_curves
 from nativetok.lit.train import train_generator, train_tokenizer
 from nativetok.models.tokenizer import build_tokenizer, prefix_lengths
@@ -80,9 +80,9 @@ PAIRED_TOKENIZER_METRICS = {"psnr": 2, "adjacent_repeat_rate": 4, "distinct_ids_
 TOKENIZER_METRICS = {
     "psnr": ("PSNR (dB)", 2), "rfd": ("rFD", 2), "adjacent_repeat_rate": ("adjacent repeats", 3),
     "distinct_ids_per_image": ("distinct ids", 2), "codebook_usage": ("codebook usage", 3),
-    "plateau_gain_db": ("PSNR gain, last 20% (dB)", 3), "minutes": ("minutes", 1), "parameters": ("parameters", 0),
+    "plateau_gain_db": ("PSNR gain, last 20% (dB)", 3), "steps": ("steps", 0), "minutes": ("minutes", 1),
+    "parameters": ("parameters", 0),
 }  # parameters: the same for every seed, shown once
-PLATEAU_DB = 0.1  # the plateau check: less than this PSNR gain over the last 20% of the steps
 
 
 def parameter_count(config: ExperimentConfig) -> int:
@@ -468,7 +468,7 @@ def tokenizer_cell(settings: ComparePreset, study: Study, cell: Cell) -> Tuple[D
         return {
             "seed": cell.seed, "checkpoint": str(checkpoint), "tokens": str(folder / "tokens" / "index.json"),
             "parameters": parameter_count(config), "minutes": seconds / 60, "max_steps": config.trainer.max_steps,
-            **plateau(folder / "run", config.trainer.max_steps),
+            **plateau(folder / "run"),
             **measure_tokenizer(str(checkpoint), str(folder / "tokens" / "index.json"), evaluation, classifier,
                                 folder),
         }
@@ -484,15 +484,13 @@ def subset_digest(subset: str) -> str:
     return file_sha256(subset)
 
 
-def plateau(run_dir: Path, max_steps: int) -> Dict:
-    """The validation PSNR curve and its gain over the last 20% of the steps (the plateau check)."""
-    curve = [(r["step"], r["psnr"]) for r in validation_curve(run_dir) if "psnr" in r]
-    if not curve:
+def plateau(run_dir: Path) -> Dict:
+    """The validation PSNR curve, the steps trained (its last point) and the plateau check."""
+    curve = psnr_curve(run_dir)
+    gain = plateau_gain(curve)
+    if gain is None:
         return {"psnr_curve": [], "plateau_gain_db": None, "plateaued": None}
-    earlier = [point for point in curve if point[0] <= 0.8 * max_steps]
-    before = earlier[-1] if earlier else curve[0]  # the last validation within the first 80% of the steps
-    gain = curve[-1][1] - before[1]
-    return {"psnr_curve": curve, "plateau_gain_db": gain, "plateaued": gain < PLATEAU_DB}
+    return {"psnr_curve": curve, "plateau_gain_db": gain, "plateaued": gain < PLATEAU_DB, "steps": curve[-1][0]}
 
 
 def measure_tokenizer(checkpoint: str, tokens: str, evaluation: EvaluationSet, classifier, folder: Path) -> Dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from nativetok.config.schema import ExperimentConfig
+from nativetok.lit.callbacks import stopped_at_plateau
 
 
 def preset_path(preset: str, group: str) -> Path:
@@ -19,8 +20,12 @@ def preset_path(preset: str, group: str) -> Path:
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
+    """Trained for `steps`, or ended at a plateau (trainer.plateau_min_gain_db) where its last checkpoint is."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    return last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["global_step"] >= steps
+    if not last.is_file():
+        return False
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    return step >= steps or stopped_at_plateau(run_dir) == step
 
 
 def timed_training(run_dir: Path, train, config: ExperimentConfig) -> float:
