@@ -84,6 +84,16 @@ def test_a_preset_merges_over_the_experiment_before_the_key_values():
     assert load_config("fmnist_tiny", ["+trainer=ddp"]).trainer.strategy == "ddp"
 
 
+def test_the_gpu_preset_serves_both_stages_and_replays_only_stage_one_as_cuda_graphs():
+    assert load_config("fmnist_tiny", ["+trainer=gpu"]).trainer.cuda_graphs == "auto"
+    assert load_config("fmnist_tiny_ar", ["+trainer=gpu"]).trainer.cuda_graphs == "auto"  # not refused
+    for stage, value, problem in (("fmnist_tiny_ar", "true", "stage 2 training does not use it"),
+                                  ("fmnist_tiny", "maybe", "must be true, false or auto")):
+        with pytest.raises(ConfigError, match=f"trainer.cuda_graphs: .*{problem}"):
+            load_config(stage, ["+trainer=gpu", f"trainer.cuda_graphs={value}"])
+    assert load_config("fmnist_tiny", ["+trainer=gpu", "trainer.cuda_graphs=false"]).trainer.cuda_graphs is False
+
+
 def test_group_equals_name_selects_the_preset_as_in_hydra(capsys):
     loaded = compose("fmnist_tiny", ["trainer=gpu", "trainer.precision=32-true"])
     assert loaded.config.trainer.accelerator == "gpu" and loaded.config.trainer.precision == "32-true"

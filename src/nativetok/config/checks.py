@@ -143,10 +143,13 @@ def check_trainer(c: ExperimentConfig) -> Check:
     yield from _choice("trainer.precision", str(t.precision), PRECISIONS)
     if not (isinstance(t.progress_bar, bool) or t.progress_bar == "auto"):
         yield "trainer.progress_bar", f"must be true, false or auto; got {t.progress_bar!r}"
-    if t.cuda_graphs and t.accelerator == "cpu":
-        yield "trainer.cuda_graphs", "needs a CUDA device (trainer.accelerator gpu or auto)"
-    if t.cuda_graphs and c.stage != "tokenizer":
-        yield "trainer.cuda_graphs", "captures the stage-1 encoder; stage 2 training does not use it"
+    if not (isinstance(t.cuda_graphs, bool) or t.cuda_graphs == "auto"):
+        yield "trainer.cuda_graphs", f"must be true, false or auto; got {t.cuda_graphs!r}"
+    if t.cuda_graphs is True and t.accelerator == "cpu":
+        yield "trainer.cuda_graphs", "needs a CUDA device (trainer.accelerator gpu or auto; or cuda_graphs=auto)"
+    if t.cuda_graphs is True and c.stage != "tokenizer":
+        yield "trainer.cuda_graphs", ("captures the stage-1 encoder; stage 2 training does not use it "
+                                      "(cuda_graphs=auto: wherever it can act)")
     yield from _plateau_stop(c)
     if t.strategy not in STRATEGIES:
         yield "trainer.strategy", (

@@ -113,7 +113,9 @@ class TrainerConfig:
     plateau_min_steps: int = 0
     # Stage 1 on a CUDA device: replay the encoder (MIT, experts, quantizer) forward and backward as CUDA
     # graphs, captured once per growth stage; it removes the host's per-op cost of the sequential experts.
-    cuda_graphs: bool = False
+    # true (refused where it cannot act), false, or auto: wherever it can act (what the GPU presets use, which
+    # serve both stages; elsewhere the step runs eager).
+    cuda_graphs: Any = False
     deterministic: bool = False
     # Where scalars go, in the run folder: tensorboard (tb/), csv (csv/metrics.csv) or wandb (needs the wandb
     # package; image grids go to TensorBoard only, and are always written as PNGs in the run folder).

@@ -209,9 +209,10 @@ class TokenizerModule(pl.LightningModule):
         return loss.detach()
 
     def _forward(self, images: Tensor, cache: Optional[FrozenPrefixCache], views) -> TokenizerOutput:
-        """The tokenizer's forward; the encoder replays a CUDA graph when `trainer.cuda_graphs` is on."""
+        """The tokenizer's forward; the encoder replays a CUDA graph when `trainer.cuda_graphs` is on (or auto) and
+        the images are on a CUDA device."""
         lengths = self._random_decode_lengths(images.shape[0])
-        if not (self.trainer_config.cuda_graphs and images.is_cuda and cache is None):
+        if not (self.trainer_config.cuda_graphs in (True, "auto") and images.is_cuda and cache is None):
             return self.tokenizer(images, lengths, cache, views)
         if self.encoder_graph is None or self.encoder_graph.key != encoder_key(self.tokenizer, images):
             self.encoder_graph = None  # free the old capture's memory before the new one takes its own
