@@ -128,6 +128,37 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(finished_run, 
         checkpoint_to_resume(type(finished_run)(**{**finished_run.__dict__, "run": explicit}))
 
 
+class WritingTrainer:
+    """What LastCheckpoint.save asks of a Trainer: a step, rank zero, and a checkpoint writer (atomic, as
+    AtomicCheckpointIO writes) that records whether last.ckpt was whole while it wrote, or fails."""
+
+    def __init__(self, step: int, fail: bool = False):
+        self.global_step, self.is_global_zero, self.fail, self.last_while_writing = step, True, fail, None
+
+    def save_checkpoint(self, path: Path, weights_only: bool = False) -> None:
+        self.last_while_writing = checkpoint_step(path)
+        if self.fail:
+            raise CheckpointWriteError(errno.ENOSPC, "no space left on device")
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "global_step": self.global_step}, path)
+
+
+def test_last_checkpoint_stays_whole_while_the_next_one_is_written(tmp_path):
+    """A kill while the new last.ckpt is written (the sigkill test's race) must leave a last.ckpt to resume from."""
+    from nativetok.lit.preemption import LastCheckpoint
+
+    folder = tmp_path / "checkpoints"
+    saver = LastCheckpoint(folder, 2, tmp_path / "requeue.log")
+    saver.save(WritingTrainer(2))
+    second = WritingTrainer(4)
+    saver.save(second)
+    assert second.last_while_writing == 2  # the old one was in place all along
+    assert checkpoint_step(folder / "last.ckpt") == 4 and checkpoint_step(folder / "previous.ckpt") == 2
+    with pytest.raises(CheckpointWriteError):
+        saver.save(WritingTrainer(6, fail=True))
+    assert checkpoint_step(folder / "last.ckpt") == 4 and checkpoint_step(folder / "previous.ckpt") == 4
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "previous.ckpt"]  # nothing staged is left
+
+
 def test_checkpoint_writes_are_atomic_and_a_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"

@@ -28,6 +28,7 @@ from typing import Dict, Optional, Set
 
 import pytorch_lightning as pl
 
+from nativetok.lit.checkpoint_io import staging_path
 from nativetok.lit.guards import logs_this_batch
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,18 @@ def requeue(job_id: str, record: Path) -> None:
         log.info("requeued SLURM job %s", job_id)
     else:
         log.error("scontrol requeue %s failed (%d): %s", job_id, result.returncode, result.stderr.strip())
+
+
+def keep_as_previous(last: Path, previous: Path) -> None:
+    """Give `last` the name `previous` too (a hard link, or a copy where the file system has none), replacing
+    what `previous` was; `last` itself stays in place."""
+    staged = staging_path(previous)  # a killed link or copy is removed with the other staged files at start
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(last, staged)
+    except OSError:
+        shutil.copyfile(last, staged)
+    os.replace(staged, previous)
 
 
 class LastCheckpoint(pl.Callback):
@@ -96,12 +109,14 @@ class LastCheckpoint(pl.Callback):
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, trainer: pl.Trainer) -> None:
-        """last.ckpt becomes previous.ckpt, then the new last.ckpt is written (atomically)."""
+        """previous.ckpt becomes the current last.ckpt (a second name for it), then the new last.ckpt replaces
+        it atomically: at every instant last.ckpt is a whole checkpoint, so a kill during the write leaves the
+        one before it instead of none."""
         if self._saved_at == trainer.global_step:
             return
         last = self.folder / LAST
         if trainer.is_global_zero and last.is_file():
-            os.replace(last, self.folder / PREVIOUS)
+            keep_as_previous(last, self.folder / PREVIOUS)
         trainer.save_checkpoint(last, weights_only=False)
         self._saved_at = trainer.global_step
 
