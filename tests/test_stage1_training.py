@@ -262,3 +262,12 @@ def test_no_plateau_stop_comes_before_plateau_min_steps(tiny_config):
     steps = Recorder()
     train_tokenizer(config, [steps])
     assert sorted(steps.losses) == list(range(1, 9))  # validations at 2, 4 and 6 are before step 7
+
+
+def test_the_first_validation_alone_is_never_a_plateau(tiny_config):
+    from nativetok.lit.callbacks import stopped_at_plateau
+
+    config = tiny_config("growth.stages=[]", "trainer.max_steps=8", "trainer.val_every_n_steps=2",
+                         "trainer.plateau_min_gain_db=1000", "data.val_samples=16")
+    train_tokenizer(config)
+    assert stopped_at_plateau(Path(config.run.dir)) == 4  # not 2: the first curve point has no earlier one

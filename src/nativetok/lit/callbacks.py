@@ -296,7 +296,8 @@ class PlateauStop(pl.Callback):
     def _decide(self, trainer: pl.Trainer) -> None:
         curve = psnr_curve(self.run_dir) if trainer.is_global_zero else []
         gain = plateau_gain(curve)
-        stop = (gain is not None and curve[-1][0] == trainer.global_step >= self.min_steps
+        # A lone first validation has nothing to gain over: it never counts as a plateau.
+        stop = (len(curve) > 1 and curve[-1][0] == trainer.global_step >= self.min_steps
                 and gain < self.min_gain_db)
         if trainer.strategy.broadcast(stop):
             trainer.should_stop = True
