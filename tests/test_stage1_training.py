@@ -237,6 +237,21 @@ def test_plateau_gain_is_the_psnr_gained_over_the_last_fifth_of_the_steps():
     assert plateau_gain(curve[:3]) == pytest.approx(1.0)  # 300 against 200 (240 is 80%)
 
 
+def test_patience_asks_the_plateau_check_to_pass_at_that_many_validations_in_a_row():
+    """A dip in a rising curve passes the check once; with patience 2 the next validation must pass too."""
+    from nativetok.lit.callbacks import plateau_reached
+
+    dip = [(1000, 18.0), (2000, 19.0), (3000, 19.8), (4000, 20.0), (5000, 19.85), (6000, 20.3)]
+    assert plateau_reached(dip[:5], 0.1, 0, patience=1)  # 19.85 at 5000 against 19.8 at 3000 (4000 is 80%)
+    assert not plateau_reached(dip[:5], 0.1, 0, patience=2)  # at 4000 it had gained 0.2 over 3000
+    assert not plateau_reached(dip, 0.1, 0, patience=1)  # 6000 gained 0.3 over 4000: it still learns
+    flat = [(1000, 18.0), (2000, 19.0), (3000, 19.05), (4000, 19.1), (5000, 19.12)]
+    assert plateau_reached(flat, 0.1, 0, patience=2) and plateau_reached(flat, 0.1, 0, patience=3)
+    assert not plateau_reached(flat, 0.1, 4500, patience=2)  # the earlier of the two is before min_steps
+    assert not plateau_reached(flat[:2], 1000, 0, patience=2)  # 1000 alone has nothing to gain over
+    assert plateau_reached(flat[:3], 1000, 0, patience=2)
+
+
 def test_a_run_stops_at_its_plateau_records_it_and_stays_stopped_when_run_again(tiny_config, tmp_path):
     """A gain threshold no run can reach stops at the first validation from plateau_min_steps on; the stop is
     recorded, counts as finished for a study, and the same command again trains no further step."""
@@ -271,3 +286,13 @@ def test_the_first_validation_alone_is_never_a_plateau(tiny_config):
                          "trainer.plateau_min_gain_db=1000", "data.val_samples=16")
     train_tokenizer(config)
     assert stopped_at_plateau(Path(config.run.dir)) == 4  # not 2: the first curve point has no earlier one
+
+
+def test_with_patience_a_run_stops_only_after_that_many_passing_validations(tiny_config):
+    from nativetok.lit.callbacks import stopped_at_plateau
+
+    config = tiny_config("growth.stages=[]", "trainer.max_steps=12", "trainer.val_every_n_steps=2",
+                         "trainer.plateau_min_gain_db=1000", "trainer.plateau_min_steps=5",
+                         "trainer.plateau_patience=3", "data.val_samples=16")
+    train_tokenizer(config)
+    assert stopped_at_plateau(Path(config.run.dir)) == 10  # passes at 6, 8 and 10: the three from step 5 on

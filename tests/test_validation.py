@@ -71,6 +71,7 @@ def test_every_float_of_the_schema_must_be_finite(key, value):
     (STAGE1, ["trainer.plateau_min_gain_db=0.1", "trainer.plateau_min_steps=6000"],
      "trainer.plateau_min_steps: 6000 is beyond trainer.max_steps 5000"),
     (STAGE1, ["trainer.plateau_min_steps=-1"], "trainer.plateau_min_steps: must be a step count >= 0"),
+    (STAGE1, ["trainer.plateau_patience=0"], "trainer.plateau_patience: must be a count of validations >= 1"),
     (STAGE2, ["trainer.plateau_min_gain_db=0.1"], "trainer.plateau_min_gain_db: watches stage 1's validation PSNR"),
 ])
 def test_a_plateau_stop_that_cannot_act_is_refused_naming_its_key(experiment, overrides, problem):

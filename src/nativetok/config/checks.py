@@ -182,6 +182,8 @@ def _plateau_stop(c: ExperimentConfig) -> Check:
     t = c.trainer
     if not is_count(t.plateau_min_steps):
         yield "trainer.plateau_min_steps", f"must be a step count >= 0; got {t.plateau_min_steps!r}"
+    if not (is_count(t.plateau_patience) and t.plateau_patience >= 1):
+        yield "trainer.plateau_patience", f"must be a count of validations >= 1; got {t.plateau_patience!r}"
     if t.plateau_min_gain_db is None:
         return
     if not t.plateau_min_gain_db > 0:

@@ -268,6 +268,15 @@ def plateau_gain(curve: Sequence[Tuple[int, float]]) -> Optional[float]:
     return curve[-1][1] - (earlier[-1] if earlier else curve[0])[1]
 
 
+def plateau_reached(curve: Sequence[Tuple[int, float]], min_gain_db: float, min_steps: int, patience: int) -> bool:
+    """Whether the plateau check passes at each of the last `patience` validations of `curve`, each from
+    `min_steps` on. A lone first validation has nothing to gain over: it never counts."""
+    if len(curve) <= patience:
+        return False
+    return all(curve[-1 - back][0] >= min_steps and plateau_gain(curve[:len(curve) - back]) < min_gain_db
+               for back in range(patience))
+
+
 def stopped_at_plateau(run_dir: Path) -> Optional[int]:
     """The step at which PlateauStop ended the run in `run_dir`, or None if it did not."""
     record = Path(run_dir) / PLATEAU_RECORD
@@ -276,15 +285,17 @@ def stopped_at_plateau(run_dir: Path) -> Optional[int]:
 
 class PlateauStop(pl.Callback):
     """Ends stage 1 once validation PSNR gains less than `min_gain_db` over the last 20% of the steps so far
-    (the plateau check, applied at every validation from `min_steps` on); trainer.max_steps stays the cap.
+    at `patience` validations in a row (the plateau check, applied at every validation from `min_steps` on);
+    trainer.max_steps stays the cap.
 
     It reads the curve ValidationSummary writes (so it comes after it) and the run keeps across resumes, so a
     resumed run that had stopped stops again at once. The stop is recorded in plateau.json: a study takes the
     run as finished, not as interrupted. Every rank follows rank zero's decision.
     """
 
-    def __init__(self, run_dir: Path, min_gain_db: float, min_steps: int):
+    def __init__(self, run_dir: Path, min_gain_db: float, min_steps: int, patience: int):
         self.run_dir, self.min_gain_db, self.min_steps = Path(run_dir), min_gain_db, min_steps
+        self.patience = patience
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._decide(trainer)
@@ -295,15 +306,15 @@ class PlateauStop(pl.Callback):
 
     def _decide(self, trainer: pl.Trainer) -> None:
         curve = psnr_curve(self.run_dir) if trainer.is_global_zero else []
-        gain = plateau_gain(curve)
-        # A lone first validation has nothing to gain over: it never counts as a plateau.
-        stop = (len(curve) > 1 and curve[-1][0] == trainer.global_step >= self.min_steps
-                and gain < self.min_gain_db)
+        stop = (bool(curve) and curve[-1][0] == trainer.global_step
+                and plateau_reached(curve, self.min_gain_db, self.min_steps, self.patience))
         if trainer.strategy.broadcast(stop):
             trainer.should_stop = True
             if trainer.is_global_zero:
+                gain = plateau_gain(curve)
                 log.info("plateau at step %d: validation PSNR gained %.3f dB over the last %d%% of the steps "
-                         "(< %g): training stops", trainer.global_step, gain, round(PLATEAU_WINDOW * 100),
-                         self.min_gain_db)
+                         "(< %g, at %d validation(s) in a row): training stops", trainer.global_step, gain,
+                         round(PLATEAU_WINDOW * 100), self.min_gain_db, self.patience)
                 (self.run_dir / PLATEAU_RECORD).write_text(json.dumps(
-                    {"step": trainer.global_step, "gain_db": gain, "min_gain_db": self.min_gain_db}) + "\n")
+                    {"step": trainer.global_step, "gain_db": gain, "min_gain_db": self.min_gain_db,
+                     "patience": self.patience}) + "\n")

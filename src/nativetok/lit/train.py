@@ -182,7 +182,7 @@ def training_callbacks(config: ExperimentConfig, run_dir: Path, extra: Sequence[
         if config.stage == "tokenizer":
             run.append(ReconstructionGrid(t.images_every_n_steps, run_dir / "reconstructions.png"))
             if t.plateau_min_gain_db is not None:  # after ValidationSummary, whose curve it reads
-                run.append(PlateauStop(run_dir, t.plateau_min_gain_db, t.plateau_min_steps))
+                run.append(PlateauStop(run_dir, t.plateau_min_gain_db, t.plateau_min_steps, t.plateau_patience))
             growth = [ExpertGrowth(config.growth.stages)] if config.growth.stages else []
         else:
             run.append(SampleGrid(t.images_every_n_steps, run_dir / "samples.png", config.sampling.grid_per_class))
