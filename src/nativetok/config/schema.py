@@ -111,8 +111,8 @@ class TrainerConfig:
     # the cap. null: train for max_steps.
     plateau_min_gain_db: Optional[float] = None
     plateau_min_steps: int = 0
-    # The check must pass at this many validations in a row: a single PSNR dip at a constant learning rate
-    # passed it once (PRESET=plateau, parallel seed 0 at step 4,750, which then kept gaining on other seeds).
+    # The check must pass at this many validations in a row: with 1, a single PSNR dip or slow stretch at a
+    # constant learning rate stops a run that is still improving (PRESET=plateau: two of six runs, README).
     plateau_patience: int = 1
     # Stage 1 on a CUDA device: replay the encoder (MIT, experts, quantizer) forward and backward as CUDA
     # graphs, captured once per growth stage; it removes the host's per-op cost of the sequential experts.
