@@ -144,7 +144,7 @@ def test_a_tiny_study_runs_every_arm_pairs_seeds_and_resumes(tmp_path, fmnist_in
     (tmp_path / "gen.yaml").write_text(f"extends: {REPO / 'experiments' / 'fmnist_tiny_ar.yaml'}\n")
     preset = {
         "tokenizer_experiment": "tok.yaml", "generator_experiment": "gen.yaml", "seeds": [0, 1],
-        "tokenizer": TINY + [f"data.index={fmnist_index}", "trainer.max_steps=4", "trainer.val_every_n_steps=2",
+        "tokenizer": TINY + [f"data.index={fmnist_index}", "trainer.max_steps=5", "trainer.val_every_n_steps=2",
                              "tokenizer.decoder.random_prefix=0"],
         "generator": ["generator.width=32", "generator.depth=1", "generator.heads=2", "data.batch_size=16",
                       "data.num_workers=0", "data.val_samples=20", "data.hflip=false", "trainer.max_steps=2",
@@ -172,6 +172,7 @@ def test_a_tiny_study_runs_every_arm_pairs_seeds_and_resumes(tmp_path, fmnist_in
         "train": 60, "val": 20, "eval": 30}
     for seed in (0, 1):
         native = report["tokenizers"]["nativetok"][seed]
+        assert native["steps"] == 5 and native["psnr_curve"][-1][0] == 4  # steps trained, not the last validation
         assert native["psnr_curve"] and native["plateaued"] in (True, False) and set(native["fd_at_k"]) == {
             "1", "2", "4", "8"}
         assert 0 <= native["adjacent_repeat_rate"] <= 1 and native["codebook_usage"] > 0

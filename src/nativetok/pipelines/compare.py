@@ -59,7 +59,7 @@ from nativetok.lit.callbacks import PLATEAU_DB, plateau_gain, psnr_curve
 from nativetok.lit.figures import position_curves
 from nativetok.lit.train import train_generator, train_tokenizer
 from nativetok.models.tokenizer import build_tokenizer, prefix_lengths
-from nativetok.pipelines.runs import preset_path, timed_training
+from nativetok.pipelines.runs import preset_path, timed_training, trained_steps
 from nativetok.pipelines.tokenize import tokenize_shards
 
 log = logging.getLogger(__name__)
@@ -468,7 +468,7 @@ def tokenizer_cell(settings: ComparePreset, study: Study, cell: Cell) -> Tuple[D
         return {
             "seed": cell.seed, "checkpoint": str(checkpoint), "tokens": str(folder / "tokens" / "index.json"),
             "parameters": parameter_count(config), "minutes": seconds / 60, "max_steps": config.trainer.max_steps,
-            **plateau(folder / "run"),
+            "steps": trained_steps(folder / "run"), **plateau(folder / "run"),
             **measure_tokenizer(str(checkpoint), str(folder / "tokens" / "index.json"), evaluation, classifier,
                                 folder),
         }
@@ -485,12 +485,12 @@ def subset_digest(subset: str) -> str:
 
 
 def plateau(run_dir: Path) -> Dict:
-    """The validation PSNR curve, the steps trained (its last point) and the plateau check."""
+    """The validation PSNR curve and the plateau check on it."""
     curve = psnr_curve(run_dir)
     gain = plateau_gain(curve)
     if gain is None:
         return {"psnr_curve": [], "plateau_gain_db": None, "plateaued": None}
-    return {"psnr_curve": curve, "plateau_gain_db": gain, "plateaued": gain < PLATEAU_DB, "steps": curve[-1][0]}
+    return {"psnr_curve": curve, "plateau_gain_db": gain, "plateaued": gain < PLATEAU_DB}
 
 
 def measure_tokenizer(checkpoint: str, tokens: str, evaluation: EvaluationSet, classifier, folder: Path) -> Dict:

@@ -19,13 +19,18 @@ def preset_path(preset: str, group: str) -> Path:
     return path if path.suffix in (".yaml", ".yml") else Path("experiments") / group / f"{preset}.yaml"
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    """Trained for `steps`, or ended at a plateau (trainer.plateau_min_gain_db) where its last checkpoint is."""
+def trained_steps(run_dir: Path) -> int:
+    """The optimiser steps of a run's last checkpoint (0 without one): the last validation can come earlier."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
-        return False
-    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-    return step >= steps or stopped_at_plateau(run_dir) == step
+        return 0
+    return int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    """Trained for `steps`, or ended at a plateau (trainer.plateau_min_gain_db) where its last checkpoint is."""
+    step = trained_steps(run_dir)
+    return step > 0 and (step >= steps or stopped_at_plateau(run_dir) == step)
 
 
 def timed_training(run_dir: Path, train, config: ExperimentConfig) -> float:
