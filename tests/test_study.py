@@ -118,8 +118,11 @@ def test_the_presets_load_and_bad_ones_are_refused(tmp_path):
     assert len(default.seeds) >= 3 and {"nativetok", "parallel", "reversed", "permuted"} <= set(default.arms)
     assert default.arms["reversed"].tokenizer == "nativetok" and default.arms["permuted"].order == "permuted"
     assert "growth.stages=[]" in default.tokenizer and "tokenizer.decoder.random_prefix=0" in default.tokenizer
-    for name in ("long", "quick", "extended", "full", "growth_init"):
-        load_preset(REPO / "experiments" / "compare" / f"{name}.yaml")
+    for path in sorted((REPO / "experiments" / "compare").glob("*.yaml")):
+        load_preset(path)
+    longer = load_preset(REPO / "experiments" / "compare" / "generator_budget.yaml")  # only its generators differ
+    assert (longer.tokenizer, longer.tokenizers, longer.arms) == (default.tokenizer, default.tokenizers, default.arms)
+    assert "trainer.max_steps=3000" in longer.generator and "trainer.max_steps=1000" in default.generator
     bad = tmp_path / "bad.yaml"
     cases = {
         "seeds: [1, 1]\n": "seeds: needs distinct seeds",
